@@ -1,0 +1,68 @@
+"""The package's exceptions: one small tree, with a ``retryable`` flag on the base."""
+
+from __future__ import annotations
+
+
+class KISTokenError(Exception):
+    """Base of every error this package raises on purpose.
+
+    Attributes:
+        retryable: True when the same request may succeed if sent again later (network faults,
+            5xx, garbled answers); False for refusals that another try will not change.
+    """
+
+    retryable = False
+
+
+class ConfigError(KISTokenError):
+    """A configuration variable is missing or malformed; the message names it."""
+
+
+class BrokerError(KISTokenError):
+    """The broker refused a request and said why.
+
+    Attributes:
+        code: the broker's error code, e.g. ``EGW00133``.
+        broker_message: the broker's own description.
+        status: the HTTP status of the answer, when there was one.
+    """
+
+    def __init__(self, code: str, broker_message: str, status: int | None = None) -> None:
+        self.code = code
+        self.broker_message = broker_message
+        self.status = status
+        super().__init__(f"broker refused: {code} {broker_message}".rstrip())
+
+
+class RateLimitedError(BrokerError):
+    """A token was asked for too soon (``EGW00133``: one issuance a minute per app key).
+
+    Also raised without asking the broker when this host asked less than a minute ago.
+    """
+
+
+class CredentialsError(BrokerError):
+    """The broker rejected the app key or secret (``EGW00103``, ``EGW00105``, ...)."""
+
+
+class TransientError(KISTokenError):
+    """The broker could not be reached or gave an unusable answer (network, 5xx, HTML, truncated)."""
+
+    retryable = True
+
+
+class BadResponseError(KISTokenError):
+    """The broker answered with something that is not a usable token (missing fields, wrong types,
+    already expired)."""
+
+
+class TokenUnavailableError(KISTokenError):
+    """No valid token is held and none could be obtained now."""
+
+
+class StoreError(KISTokenError):
+    """The token directory or one of its files cannot be written."""
+
+
+class LockTimeoutError(KISTokenError):
+    """Another process held the renewal lock for longer than the bounded wait."""

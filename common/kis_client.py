@@ -1,0 +1,221 @@
+"""HTTP to the broker's OAuth endpoints: build the request, read the answer, retry what is transient.
+
+Kept apart from the renewal policy (google-auth's ``_client.py`` shape). Importing this module
+imports ``requests`` and ``tenacity``; the policy imports it only when it must talk to the broker.
+
+Retry rule: connection refused or reset, timeouts, HTTP 5xx without a broker error code, and
+bodies that are HTML or truncated JSON are retried up to :data:`MAX_ATTEMPTS` times in all, with
+jittered exponential backoff, within :data:`RETRY_BUDGET` seconds in all. An answer that carries
+the broker's error code (``EGW00133``, ``EGW00105`` ...) is never retried.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from common.clock import parse_kst
+from common.errors import (
+    BadResponseError,
+    BrokerError,
+    CredentialsError,
+    KISTokenError,
+    RateLimitedError,
+    TransientError,
+)
+
+TOKEN_PATH = "/oauth2/tokenP"
+REVOKE_PATH = "/oauth2/revokeP"
+
+CONNECT_TIMEOUT = 3.05
+READ_TIMEOUT = 10.0
+MAX_ATTEMPTS = 4
+RETRY_BUDGET = 20.0
+BACKOFF_INITIAL = 0.5
+BACKOFF_MAX = 4.0
+BACKOFF_JITTER = 0.5
+
+RATE_LIMIT_CODE = "EGW00133"
+CREDENTIAL_CODES = frozenset({"EGW00102", "EGW00103", "EGW00104", "EGW00105", "EGW02004"})
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A token as the broker issued it."""
+
+    access_token: str
+    token_type: str
+    expires_at: float
+
+
+def issue_token(
+    base_url: str,
+    app_key: str,
+    app_secret: str,
+    *,
+    now: Callable[[], float],
+    sleep: Callable[[float], None] = time.sleep,
+    session: requests.Session | None = None,
+) -> IssuedToken:
+    """Ask ``POST /oauth2/tokenP`` for a token.
+
+    Args:
+        base_url: the broker's base URL.
+        app_key: the market's app key.
+        app_secret: the market's app secret.
+        now: the clock, used to reject a token that is already expired.
+        sleep: how to wait between retries (tests pass a recorder).
+        session: a ``requests.Session`` to send with, else a plain request.
+
+    Returns:
+        The token and its expiry, taken from ``access_token_token_expired`` (Korea time), or from
+        ``expires_in`` if that is missing.
+
+    Raises:
+        RateLimitedError: ``EGW00133``.
+        CredentialsError: the key or secret was rejected.
+        BrokerError: any other refusal with a code.
+        TransientError: the broker could not be reached or answered garbage, after the retries.
+        BadResponseError: the answer is JSON but not a usable token.
+    """
+    body = {"grant_type": "client_credentials", "appkey": app_key, "appsecret": app_secret}
+    data = _post_with_retries(base_url + TOKEN_PATH, body, sleep, session)
+    return _read_token(data, now())
+
+
+def revoke_token(
+    base_url: str,
+    app_key: str,
+    app_secret: str,
+    token: str,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    session: requests.Session | None = None,
+) -> None:
+    """Revoke ``token`` with ``POST /oauth2/revokeP``; raise like :func:`issue_token` on refusal."""
+    body = {"appkey": app_key, "appsecret": app_secret, "token": token}
+    data = _post_with_retries(base_url + REVOKE_PATH, body, sleep, session)
+    if str(data.get("code")) != "200":
+        raise BadResponseError(f"revoke answered without success: {data.get('message')!r}")
+
+
+def _post_with_retries(
+    url: str,
+    body: dict[str, str],
+    sleep: Callable[[float], None],
+    session: requests.Session | None,
+) -> dict[str, Any]:
+    deadline = time.monotonic() + RETRY_BUDGET
+    retrying = Retrying(
+        stop=stop_after_attempt(MAX_ATTEMPTS) | stop_before_delay(RETRY_BUDGET),
+        wait=wait_exponential_jitter(initial=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=BACKOFF_JITTER),
+        retry=retry_if_exception(lambda exc: isinstance(exc, KISTokenError) and exc.retryable),
+        sleep=sleep,
+        before_sleep=_log_retry,
+        reraise=True,
+    )
+    return retrying(_post_once, url, body, session, deadline)
+
+
+def _log_retry(retry_state: Any) -> None:
+    _log.warning(
+        "token endpoint attempt %d failed (%s); retrying in %.1f s",
+        retry_state.attempt_number,
+        retry_state.outcome.exception(),
+        retry_state.upcoming_sleep,
+    )
+
+
+def _post_once(
+    url: str, body: dict[str, str], session: requests.Session | None, deadline: float
+) -> dict[str, Any]:
+    read_timeout = max(1.0, min(READ_TIMEOUT, deadline - time.monotonic()))
+    sender = session or requests
+    try:
+        response = sender.post(url, json=body, timeout=(CONNECT_TIMEOUT, read_timeout))
+    except requests.RequestException as exc:
+        raise TransientError(f"broker unreachable: {type(exc).__name__}") from None
+    return _read_answer(response.status_code, response.text)
+
+
+def _read_answer(status: int, text: str) -> dict[str, Any]:
+    """Classify an answer: a refusal with a code, a transient fault, or a JSON object."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        refusal = _refusal(data, status)
+        if refusal is not None:
+            raise refusal
+    if status >= 500:
+        raise TransientError(f"broker answered HTTP {status}")
+    if not isinstance(data, dict):
+        kind = "HTML" if text.lstrip().startswith("<") else "not JSON (truncated?)"
+        if status == 200:
+            raise TransientError(f"broker answered HTTP 200 with a body that is {kind}")
+        raise BadResponseError(f"broker answered HTTP {status} with a body that is {kind}")
+    if status != 200:
+        raise BadResponseError(f"broker answered HTTP {status} without an error code")
+    return data
+
+
+def _refusal(data: dict[str, Any], status: int) -> BrokerError | None:
+    code = data.get("error_code")
+    message = data.get("error_description")
+    if code is None and str(data.get("rt_cd", "0")) != "0":
+        code, message = data.get("msg_cd"), data.get("msg1")
+    if code is None:
+        return None
+    code, message = str(code), str(message or "")
+    if code == RATE_LIMIT_CODE:
+        return RateLimitedError(code, message, status)
+    if code in CREDENTIAL_CODES:
+        return CredentialsError(code, message, status)
+    return BrokerError(code, message, status)
+
+
+def _read_token(data: dict[str, Any], now: float) -> IssuedToken:
+    token = data.get("access_token")
+    if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token):
+        raise BadResponseError("token answer has no usable access_token")
+    token_type = data.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or not token_type.strip():
+        raise BadResponseError("token answer has a token_type that is not a string")
+    expires_at = _read_expiry(data, now)
+    if expires_at <= now:
+        raise BadResponseError("the broker issued a token that is already expired")
+    return IssuedToken(token, token_type.strip(), expires_at)
+
+
+def _read_expiry(data: dict[str, Any], now: float) -> float:
+    stamp = data.get("access_token_token_expired")
+    if isinstance(stamp, str):
+        try:
+            return parse_kst(stamp)
+        except ValueError:
+            raise BadResponseError(
+                f"access_token_token_expired is not 'YYYY-MM-DD HH:MM:SS': {stamp!r}"
+            ) from None
+    if stamp is not None:
+        raise BadResponseError("access_token_token_expired is not a string")
+    seconds = data.get("expires_in")
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0:
+        _log.info("token answer has no access_token_token_expired; using expires_in")
+        return now + float(seconds)
+    raise BadResponseError("token answer has neither access_token_token_expired nor expires_in")

@@ -1,0 +1,119 @@
+"""The token record: what is kept on disk per market, and how it is checked when read back."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from common.clock import parse_iso, to_kst_iso
+
+FORMAT_VERSION = 1
+
+
+class CorruptRecordError(ValueError):
+    """A stored record could not be used; the message says why (never quoting the token)."""
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An immutable snapshot of one market's token.
+
+    Attributes:
+        access_token: the bearer token itself.
+        token_type: ``Bearer``.
+        issued_at: when it was obtained, epoch seconds.
+        expires_at: when the broker says it expires, epoch seconds.
+        market: ``us`` or ``kr``.
+        environment: ``real`` or ``paper``.
+        key_fingerprint: a hash of the app key it was issued to (never the key or secret).
+    """
+
+    access_token: str
+    token_type: str
+    issued_at: float
+    expires_at: float
+    market: str
+    environment: str
+    key_fingerprint: str
+
+    def seconds_left(self, now: float) -> float:
+        """Seconds until expiry (negative once expired)."""
+        return self.expires_at - now
+
+    def mismatch(self, market: str, environment: str, key_fingerprint: str) -> str | None:
+        """Say why this record does not belong to the given configuration, or None if it does."""
+        if self.market != market:
+            return f"it belongs to market {self.market!r}"
+        if self.environment != environment:
+            return f"it was issued for environment {self.environment!r}, not {environment!r}"
+        if self.key_fingerprint != key_fingerprint:
+            return "it was issued to another app key"
+        return None
+
+    def to_json(self) -> str:
+        """Serialise to the on-disk JSON form."""
+        return json.dumps(
+            {
+                "version": FORMAT_VERSION,
+                "market": self.market,
+                "environment": self.environment,
+                "key_fingerprint": self.key_fingerprint,
+                "token_type": self.token_type,
+                "access_token": self.access_token,
+                "issued_at": to_kst_iso(self.issued_at),
+                "expires_at": to_kst_iso(self.expires_at),
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> TokenRecord:
+        """Parse and check the on-disk JSON form.
+
+        Raises:
+            CorruptRecordError: empty, not JSON, wrong shape, wrong types or an unknown version.
+        """
+        if not text.strip():
+            raise CorruptRecordError("the file is empty")
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CorruptRecordError(f"not valid JSON ({exc.msg} at char {exc.pos})") from None
+        if not isinstance(data, dict):
+            raise CorruptRecordError(f"expected a JSON object, found {type(data).__name__}")
+        if data.get("version") != FORMAT_VERSION:
+            raise CorruptRecordError(f"unknown format version {data.get('version')!r}")
+        fields = {
+            name: _require_str(data, name)
+            for name in ("market", "environment", "key_fingerprint", "token_type", "access_token")
+        }
+        issued_at = _require_time(data, "issued_at")
+        expires_at = _require_time(data, "expires_at")
+        if expires_at <= issued_at:
+            raise CorruptRecordError("expires_at is not after issued_at")
+        return cls(issued_at=issued_at, expires_at=expires_at, **fields)
+
+
+def _require_str(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise CorruptRecordError(f"field {name!r} is missing or not a non-empty string")
+    return value
+
+
+def _require_time(data: dict[str, Any], name: str) -> float:
+    value = _require_str(data, name)
+    try:
+        return parse_iso(value)
+    except ValueError:
+        raise CorruptRecordError(f"field {name!r} is not an ISO time with a zone offset") from None
+
+
+def mask_token(token: str | None) -> str:
+    """Show only a few characters of a token: enough to tell two apart, useless to an attacker."""
+    if not token:
+        return "-"
+    if len(token) < 16:
+        return "***"
+    return f"{token[:4]}...{token[-4:]}"

@@ -1,0 +1,122 @@
+"""Configuration: the process environment first, then a ``.env`` file (python-dotenv).
+
+Variables shared by both markets are read here; each market's own variable names live in its
+``config.py``. A missing or malformed value raises :class:`ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from common.errors import ConfigError
+
+HOSTS = {
+    "real": "https://openapi.koreainvestment.com:9443",
+    "paper": "https://openapivts.koreainvestment.com:29443",
+}
+DEFAULT_ENVIRONMENT = "real"
+
+ENV_VAR = "KIS_ENV"
+BASE_URL_VAR = "KIS_BASE_URL"
+TOKEN_DIR_VAR = "KIS_TOKEN_DIR"
+DOTENV_PATH_VAR = "KIS_DOTENV_PATH"
+
+
+def default_token_dir(environ: Mapping[str, str]) -> Path:
+    """``$XDG_STATE_HOME/kis-tokens``, else ``~/.local/state/kis-tokens``: absolute, CWD-free."""
+    state_home = environ.get("XDG_STATE_HOME", "")
+    base = Path(state_home) if state_home and os.path.isabs(state_home) else None
+    if base is None:
+        base = Path(environ.get("HOME") or Path.home()) / ".local" / "state"
+    return base / "kis-tokens"
+
+
+class Settings:
+    """Reads configuration variables; the environment wins over ``.env``.
+
+    The ``.env`` file is ``$KIS_DOTENV_PATH`` if set, else ``.env`` in the current directory; it is
+    read (and python-dotenv imported) only when a variable is not in the environment.
+
+    Args:
+        environ: the variables to use instead of ``os.environ`` (tests pass a dict).
+        dotenv_path: the ``.env`` file to fall back on; ``None`` picks the default described above,
+            ``False`` turns the fallback off.
+    """
+
+    def __init__(
+        self,
+        environ: Mapping[str, str] | None = None,
+        dotenv_path: str | os.PathLike[str] | bool | None = None,
+    ) -> None:
+        self._environ = os.environ if environ is None else environ
+        if dotenv_path is None:
+            dotenv_path = self._environ.get(DOTENV_PATH_VAR) or ".env"
+        self._dotenv_path = None if dotenv_path is False else Path(dotenv_path)
+        self._dotenv: Mapping[str, str | None] | None = None
+
+    def get(self, name: str) -> str | None:
+        """The variable's value with surrounding blanks removed, or None if unset or empty."""
+        value = self._environ.get(name)
+        if value is None:
+            value = self._dotenv_values().get(name)
+        if value is None:
+            return None
+        return value.strip() or None
+
+    def require(self, name: str) -> str:
+        """Like :meth:`get` but raise :class:`ConfigError` when the variable is unset."""
+        value = self.get(name)
+        if value is None:
+            raise ConfigError(f"{name} is not set (put it in the environment or in .env)")
+        if any(ch.isspace() or not ch.isprintable() for ch in value):
+            raise ConfigError(f"{name} contains blanks or control characters")
+        return value
+
+    @property
+    def environment(self) -> str:
+        """``real`` or ``paper`` (``KIS_ENV``; default ``real``)."""
+        value = (self.get(ENV_VAR) or DEFAULT_ENVIRONMENT).lower()
+        if value not in HOSTS:
+            raise ConfigError(f"{ENV_VAR} must be 'real' or 'paper', not {value!r}")
+        return value
+
+    def base_url(self, market_var: str) -> str:
+        """The broker's base URL: ``market_var``, else ``KIS_BASE_URL``, else the host of ``KIS_ENV``."""
+        for name in (market_var, BASE_URL_VAR):
+            value = self.get(name)
+            if value is not None:
+                return _check_url(name, value)
+        return HOSTS[self.environment]
+
+    @property
+    def token_dir(self) -> Path:
+        """Where token files live (``KIS_TOKEN_DIR``, default :func:`default_token_dir`)."""
+        value = self.get(TOKEN_DIR_VAR)
+        if value is None:
+            return default_token_dir(self._environ)
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            raise ConfigError(f"{TOKEN_DIR_VAR} must be an absolute path, not {value!r}")
+        return path
+
+    def _dotenv_values(self) -> Mapping[str, str | None]:
+        if self._dotenv is None:
+            self._dotenv = {}
+            if self._dotenv_path is not None and self._dotenv_path.is_file():
+                from dotenv import dotenv_values
+
+                try:
+                    self._dotenv = dotenv_values(self._dotenv_path)
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise ConfigError(f"cannot read {self._dotenv_path}: {exc}") from None
+        return self._dotenv
+
+
+def _check_url(name: str, value: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    host = rest.split("/", 1)[0]
+    if not sep or scheme not in ("http", "https") or not host or any(c.isspace() for c in value):
+        raise ConfigError(f"{name} must be an http(s) URL such as https://host:port, not {value!r}")
+    return value.rstrip("/")

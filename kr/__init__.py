@@ -1,0 +1,1 @@
+"""KR (domestic) market: configuration and token manager."""

@@ -1,0 +1,1 @@
+"""US (overseas) market: configuration and token manager."""
