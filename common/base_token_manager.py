@@ -59,6 +59,7 @@ MIN_REQUEST_INTERVAL = 61.0
 MAX_HORIZON = 18 * 3600.0
 
 LOCAL_REFUSAL_CODE = "LOCAL"
+ALERT_WEBHOOK_VAR = "KIS_ALERT_WEBHOOK_URL"
 
 _log = logging.getLogger(__name__)
 _NEVER = float("-inf")
@@ -430,7 +431,31 @@ class BaseTokenManager(abc.ABC):
             state.refusals[code] = state.refusals.get(code, 0) + 1
         else:
             state.failures += 1
+        if outcome in ("refused", "failed"):
+            self._alert(state, outcome, code, message, now)
         self.store.save_state(state)
+
+    def _alert(
+        self, state: RenewalState, outcome: str, code: str | None, message: str | None, now: float
+    ) -> None:
+        """Post a failed renewal to ``KIS_ALERT_WEBHOOK_URL`` if it is set (see ``common.alerts``)."""
+        url = self.settings.get(ALERT_WEBHOOK_VAR)
+        if url is None:
+            return
+        from common import alerts
+
+        current = self._cache[0]
+        alerts.send_renewal_alert(
+            url,
+            state,
+            market=self.market,
+            environment=self.environment,
+            outcome=outcome,
+            code=code,
+            message=message,
+            seconds_left=None if current is None else current.seconds_left(now),
+            now=now,
+        )
 
     def _last_renewal(self) -> dict[str, Any] | None:
         state = self.load_renewal_state()

@@ -1,0 +1,118 @@
+"""Shared fixtures: an injected clock, a temporary token directory, managers built on them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+import pytest
+
+from common.clock import KST
+from common.settings import Settings
+from kr.token_manager import KRTokenManager
+from us.token_manager import USTokenManager
+
+REAL_HOST = "https://openapi.koreainvestment.com:9443"
+PAPER_HOST = "https://openapivts.koreainvestment.com:29443"
+TOKEN_URL = REAL_HOST + "/oauth2/tokenP"
+US_KEY, US_SECRET = "PSus" + "a" * 32, "us-secret-" + "x" * 170
+KR_KEY, KR_SECRET = "PSkr" + "b" * 32, "kr-secret-" + "y" * 170
+START = datetime(2026, 11, 24, 8, 0, 0, tzinfo=KST).timestamp()
+DAY = 86400.0
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, start: float = START) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class SleepRecorder:
+    """Stands in for ``time.sleep``: records the waits, and advances a clock if given one."""
+
+    def __init__(self, clock: FakeClock | None = None) -> None:
+        self.calls: list[float] = []
+        self.clock = clock
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        if self.clock is not None:
+            self.clock.advance(seconds)
+
+
+def kst(epoch: float) -> str:
+    """The broker's expiry format for an epoch time."""
+    return datetime.fromtimestamp(epoch, KST).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def token_answer(token: str, expires_at: float, expires_in: int = 86400) -> dict:
+    """A successful ``/oauth2/tokenP`` answer."""
+    return {
+        "access_token": token,
+        "access_token_token_expired": kst(expires_at),
+        "token_type": "Bearer",
+        "expires_in": expires_in,
+    }
+
+
+def refusal(code: str = "EGW00133", text: str = "접근토큰 발급 잠시 후 다시 시도하세요(1분당 1회)") -> dict:
+    """A refused ``/oauth2/tokenP`` answer, in the token endpoint's own shape."""
+    return {"error_description": text, "error_code": code}
+
+
+def fake_token(n: int = 1) -> str:
+    """A token-looking string that is easy to search for in logs."""
+    return f"eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.SECRET-TOKEN-{n:04d}.c2lnbmF0dXJl"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def sleeps(clock: FakeClock) -> SleepRecorder:
+    return SleepRecorder(clock)
+
+
+@pytest.fixture
+def env(tmp_path) -> dict[str, str]:
+    """A complete configuration for both markets, with tokens under ``tmp_path``."""
+    return {
+        "KIS_US_APP_KEY": US_KEY,
+        "KIS_US_APP_SECRET": US_SECRET,
+        "KIS_KR_APP_KEY": KR_KEY,
+        "KIS_KR_APP_SECRET": KR_SECRET,
+        "KIS_TOKEN_DIR": str(tmp_path / "tokens"),
+        "HOME": str(tmp_path / "home"),
+    }
+
+
+@pytest.fixture
+def make_manager(env, clock, sleeps) -> Callable[..., object]:
+    """Build a manager of the given class on the test's configuration and clock."""
+
+    def build(cls=USTokenManager, environ: dict[str, str] | None = None, **kwargs):
+        kwargs.setdefault("clock", clock)
+        kwargs.setdefault("sleep", sleeps)
+        kwargs.setdefault("jitter", 0.0)
+        return cls(Settings(env if environ is None else environ, dotenv_path=False), **kwargs)
+
+    return build
+
+
+@pytest.fixture
+def us(make_manager) -> USTokenManager:
+    return make_manager(USTokenManager)
+
+
+@pytest.fixture
+def kr(make_manager) -> KRTokenManager:
+    return make_manager(KRTokenManager)
