@@ -228,6 +228,33 @@ class BaseTokenManager(abc.ABC):
         with self._mutex:
             return self._renew(LOCK_WAIT, lambda record, now: True)
 
+    def replace_rejected_token(self, rejected: str) -> str:
+        """Return a token other than ``rejected``, which the broker refused (``EGW00123``/``EGW00121``).
+
+        Takes another process's newer token if there is one; otherwise renews (at most one request,
+        still within the one-a-minute rule).
+
+        Raises:
+            KISTokenError: the renewal failed.
+        """
+
+        def needed(record: TokenRecord | None, now: float) -> bool:
+            if record is None or record.access_token == rejected:
+                return True
+            return record.seconds_left(now) <= EXPIRY_MARGIN
+
+        with self._mutex:
+            return self._renew(LOCK_WAIT, needed).access_token
+
+    def create_broker(self, acc_no: str | None = None, **kwargs: Any) -> Any:
+        """Build a mojito2 ``KoreaInvestment`` broker for this market that runs on the managed token.
+
+        ``acc_no`` defaults to the market's account variable; other keyword arguments go to mojito.
+        """
+        from common.broker import create_broker
+
+        return create_broker(self, acc_no, **kwargs)
+
     def warm_up(self, valid_for: float) -> tuple[TokenRecord, bool]:
         """Make sure the token stays valid for ``valid_for`` seconds more, renewing only if not.
 
