@@ -27,13 +27,20 @@ LOG_LEVEL_VAR = "KIS_LOG_LEVEL"
 _log = logging.getLogger("common.cli")
 
 
-def main(manager_factory: Callable[[], object], argv: Sequence[str] | None = None) -> int:
+def main(
+    manager_factory: Callable[[], object], argv: Sequence[str] | None = None, market: str | None = None
+) -> int:
     """Run one CLI command for the market whose manager ``manager_factory`` builds.
+
+    Args:
+        manager_factory: builds the market's manager (``USTokenManager``, ``KRTokenManager``).
+        argv: the arguments (default: ``sys.argv[1:]``).
+        market: ``US`` or ``KR`` (default: from the factory's name).
 
     Returns:
         The process exit code.
     """
-    market = manager_factory.__name__[:2].upper()
+    market = market or manager_factory.__name__[:2].upper()
     args = _parser(market).parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     try:

@@ -123,7 +123,7 @@ def _post_with_retries(
     deadline = time.monotonic() + RETRY_BUDGET
     retrying = Retrying(
         stop=stop_after_attempt(MAX_ATTEMPTS) | stop_before_delay(RETRY_BUDGET),
-        wait=wait_exponential_jitter(initial=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=BACKOFF_JITTER),
+        wait=wait_exponential_jitter(multiplier=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=BACKOFF_JITTER),
         retry=retry_if_exception(lambda exc: isinstance(exc, KISTokenError) and exc.retryable),
         sleep=sleep,
         before_sleep=_log_retry,
