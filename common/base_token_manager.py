@@ -38,9 +38,10 @@ from typing import Any
 from common import clock as clock_module
 from common.errors import (
     BrokerError,
+    ConfigError,
     KISTokenError,
     LockTimeoutError,
-    RateLimitedError,
+    RequestHeldBackError,
     TokenUnavailableError,
 )
 from common.record import CorruptRecordError, TokenRecord, mask_token
@@ -58,7 +59,6 @@ MIN_REQUEST_INTERVAL = 61.0
 #: horizon beyond 18 h can ever be met by a renewal.
 MAX_HORIZON = 18 * 3600.0
 
-LOCAL_REFUSAL_CODE = "LOCAL"
 ALERT_WEBHOOK_VAR = "KIS_ALERT_WEBHOOK_URL"
 
 _log = logging.getLogger(__name__)
@@ -356,6 +356,8 @@ class BaseTokenManager(abc.ABC):
         wait = 0.0 if left > MANDATORY_WINDOW else LOCK_WAIT
         try:
             return self._renew(wait, self._renewal_needed)
+        except ConfigError:
+            raise
         except KISTokenError as exc:
             current = self._cache[0]
             now = self._clock()
@@ -406,9 +408,9 @@ class BaseTokenManager(abc.ABC):
             f"a {self.market} token was requested {now - last:.0f} s ago; the broker allows one "
             f"a minute (next request possible in {last + MIN_REQUEST_INTERVAL - now:.0f} s)"
         )
-        state.refusals[LOCAL_REFUSAL_CODE] = state.refusals.get(LOCAL_REFUSAL_CODE, 0) + 1
+        state.refusals["LOCAL"] = state.refusals.get("LOCAL", 0) + 1
         self.store.save_state(state)
-        raise RateLimitedError(LOCAL_REFUSAL_CODE, message)
+        raise RequestHeldBackError(message)
 
     def _request_token(self, current: TokenRecord | None, state: RenewalState) -> TokenRecord:
         from common import kis_client

@@ -37,8 +37,18 @@ class BrokerError(KISTokenError):
 class RateLimitedError(BrokerError):
     """A token was asked for too soon (``EGW00133``: one issuance a minute per app key).
 
-    Also raised without asking the broker when this host asked less than a minute ago.
     """
+
+
+class RequestHeldBackError(RateLimitedError):
+    """This host asked less than a minute ago, so the request was not sent at all."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("LOCAL", message)
+        self.args = (f"not asking the broker: {message}",)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class CredentialsError(BrokerError):
