@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from common import base_token_manager as policy
 from common.cli import main
 from common.record import TokenRecord
 from kr.token_manager import KRTokenManager
-from tests.conftest import DAY, TOKEN_URL, US_KEY, US_SECRET, fake_token, refusal, token_answer
+from tests.conftest import DAY, TOKEN_URL, US_KEY, US_SECRET, FakeClock, fake_token, refusal, token_answer
 from us.token_manager import USTokenManager
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +50,12 @@ def test_check_shows_status_with_masked_token_and_paths(us, clock, capsys):
 
 @pytest.mark.parametrize(
     "left, status, code",
-    [(DAY, "ok", 0), (policy.ADVISORY_WINDOW - 1, "renewal_due", 1), (60, "expired", 2), (None, "missing", 2)],
+    [
+        (DAY, "ok", 0),
+        (policy.ADVISORY_WINDOW - 1, "renewal_due", 1),
+        (60, "expired", 2),
+        (None, "missing", 2),
+    ],
 )
 def test_check_exit_codes(us, clock, capsys, left, status, code):
     if left is not None:
@@ -181,13 +187,14 @@ def closed_port() -> int:
 
 @pytest.fixture
 def cli_env(env, tmp_path):
-    return {**env, "KIS_BASE_URL": f"http://127.0.0.1:{closed_port()}", "KIS_DOTENV_PATH": str(tmp_path / "none")}
+    unreachable = f"http://127.0.0.1:{closed_port()}"
+    return {**env, "KIS_BASE_URL": unreachable, "KIS_DOTENV_PATH": str(tmp_path / "none")}
 
 
 def test_python_m_check_and_delete_for_both_markets(cli_env, make_manager, clock):
     us = make_manager(USTokenManager, environ=cli_env, clock=None)
     kr = make_manager(KRTokenManager, environ=cli_env, clock=None)
-    seed(us, clock.__class__(__import__("time").time()), token=fake_token(1))
+    seed(us, FakeClock(time.time()), token=fake_token(1))
     result = cli("us.token_manager", "check", env=cli_env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("US token (real): valid")
