@@ -241,3 +241,11 @@ def test_python_m_logs_go_to_stderr_and_verbose_shows_retries(cli_env):
     assert "WARNING token endpoint attempt 1 failed (broker unreachable: ConnectionError)" in verbose.stderr
     again = cli("kr.token_manager", "get", env=cli_env)
     assert "not asking the broker: a kr token was requested" in again.stderr
+
+
+def test_demo_plays_the_whole_lifecycle_against_the_sandbox():
+    result = subprocess.run([sys.executable, "-m", "common.demo"], capture_output=True, text=True,
+                            cwd=REPO, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "broker refused: EGW00133" in result.stdout
+    assert "Demo finished: every step behaved as expected." in result.stdout

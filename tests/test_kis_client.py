@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import requests
@@ -14,7 +14,7 @@ from common.clock import parse_kst
 from common.errors import BadResponseError, BrokerError, CredentialsError, RateLimitedError, TransientError
 from tests.conftest import REAL_HOST, TOKEN_URL, SleepRecorder, refusal
 
-NOW = datetime(2026, 11, 24, 0, 0, tzinfo=timezone.utc).timestamp()
+NOW = datetime(2026, 11, 24, 0, 0, tzinfo=UTC).timestamp()
 
 
 def issue(sleeps=None):
@@ -33,7 +33,7 @@ def host_zone(request, monkeypatch):
 
 def test_expiry_is_read_as_korea_time_whatever_the_hosts_zone(host_zone):
     # 2026-11-25 09:00:00 KST is 2026-11-25 00:00:00 UTC
-    expected = datetime(2026, 11, 25, 0, 0, tzinfo=timezone.utc).timestamp()
+    expected = datetime(2026, 11, 25, 0, 0, tzinfo=UTC).timestamp()
     assert parse_kst("2026-11-25 09:00:00") == expected
 
 
@@ -45,7 +45,7 @@ def test_issue_sends_the_documented_request_and_reads_the_answer():
     })
     issued = issue()
     assert issued.access_token == "tok-123" and issued.token_type == "Bearer"
-    assert issued.expires_at == datetime(2026, 11, 25, 0, 0, tzinfo=timezone.utc).timestamp()
+    assert issued.expires_at == datetime(2026, 11, 25, 0, 0, tzinfo=UTC).timestamp()
     request = responses.calls[0].request
     assert request.headers["Content-Type"] == "application/json"
     assert request.body == b'{"grant_type": "client_credentials", "appkey": "key", "appsecret": "secret"}'
