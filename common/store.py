@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,6 +32,7 @@ from common.record import CorruptRecordError, TokenRecord
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+STALE_TEMP_AGE = 600.0
 
 
 @dataclass
@@ -160,6 +162,7 @@ class FileTokenStore:
             "key_fingerprint": record.key_fingerprint,
         }
         self._write(self.mojito_path, json.dumps(mojito, indent=2))
+        self._remove_stale_temp_files()
 
     def delete(self) -> list[str]:
         """Remove the record and its mirrors (not the lock file nor the renewal memory)."""
@@ -218,6 +221,14 @@ class FileTokenStore:
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             raise CorruptRecordError(f"cannot read {path.name}: {reason}") from None
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files older than :data:`STALE_TEMP_AGE` were left by writers that were killed."""
+        cutoff = time.time() - STALE_TEMP_AGE
+        for path in self.directory.glob(f".{self.prefix}*.tmp"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
 
     def _ensure_directory(self) -> None:
         if not self.directory.is_dir():

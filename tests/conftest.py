@@ -116,3 +116,45 @@ def us(make_manager) -> USTokenManager:
 @pytest.fixture
 def kr(make_manager) -> KRTokenManager:
     return make_manager(KRTokenManager)
+
+
+class SandboxProcess:
+    """``python -m common.sandbox`` in its own process, driven over HTTP on 127.0.0.1."""
+
+    def __init__(self, *args: str) -> None:
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "common.sandbox", "--port", "0", *args],
+            stdout=subprocess.PIPE, text=True,
+        )
+        self.base_url = self.process.stdout.readline().strip()
+        assert self.base_url.startswith("http://127.0.0.1:"), self.base_url
+
+    def counters(self) -> dict:
+        import requests
+
+        return requests.get(self.base_url + "/sandbox/counters", timeout=5).json()
+
+    def control(self, path: str, body: dict) -> dict:
+        import requests
+
+        return requests.post(self.base_url + "/sandbox/" + path, json=body, timeout=5).json()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except Exception:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def sandbox_process():
+    """A sandbox in a separate process (so that tests may fork without a server thread)."""
+    server = SandboxProcess()
+    yield server
+    server.stop()

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import stat
+import time
 
 import pytest
 import responses
@@ -187,3 +188,15 @@ def test_corrupt_renewal_state_is_ignored_with_a_warning(us, clock, caplog):
         state = us.load_renewal_state()
     assert state.last_request_at is None
     assert "renewal state" in caplog.text
+
+
+def test_temp_files_left_by_a_killed_writer_are_cleaned_up_later(us, clock):
+    us.save_token(good_record(us, clock))
+    stale = us.store.directory / ".us_api_token.json.abc123.tmp"
+    fresh = us.store.directory / ".us_api_token.json.def456.tmp"
+    stale.write_text("{")
+    fresh.write_text("{")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    us.save_token(good_record(us, clock, access_token=fake_token(2)))
+    assert not stale.exists() and fresh.exists()  # a fresh one may belong to a live writer
