@@ -307,6 +307,7 @@ class BaseTokenManager(abc.ABC):
     def get_token_info(self) -> dict[str, Any]:
         """Status of this market's token, as ``check --json`` prints it (see the README schema)."""
         now = self._clock()
+        self.key_fingerprint()  # an unconfigured market is a ConfigError even with no record
         record = self.load_token()
         left = None if record is None else record.seconds_left(now)
         if record is None:
@@ -363,6 +364,7 @@ class BaseTokenManager(abc.ABC):
             now = self._clock()
             if current is not None and current.seconds_left(now) > EXPIRY_MARGIN:
                 self._keep_current(current, exc, now)
+                self._set_record(current, now)
                 return current
             raise TokenUnavailableError(f"no valid {self.market} token: {exc}") from exc
 
@@ -509,12 +511,23 @@ class BaseTokenManager(abc.ABC):
             self._set_record(self._cache[0], self._clock())
 
     def _set_record(self, record: TokenRecord | None, now: float) -> None:
-        """Swap in ``record`` and how long it may be served without looking at the store again."""
+        """Swap in ``record`` and how long it may be served without looking at the store again.
+
+        A fresh record is served until the next sync or until it enters the advisory window. One
+        inside a window is served from memory only while a failed renewal is backing off, and never
+        past the next window boundary.
+        """
         fresh_until = _NEVER
         if record is not None:
-            for window in (self.advisory_window, MANDATORY_WINDOW, EXPIRY_MARGIN):
-                boundary = record.expires_at - window
-                if boundary > now:
-                    fresh_until = min(now + SYNC_INTERVAL, boundary)
-                    break
+            boundaries = [
+                record.expires_at - window
+                for window in (self.advisory_window, MANDATORY_WINDOW, EXPIRY_MARGIN)
+                if record.expires_at - window > now
+            ]
+            in_window = len(boundaries) < 3
+            if boundaries and (not in_window or now < self._next_attempt):
+                limit = now + SYNC_INTERVAL
+                if in_window:
+                    limit = min(limit, self._next_attempt)
+                fresh_until = min(limit, boundaries[0])
         self._cache = (record, fresh_until)

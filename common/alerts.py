@@ -1,0 +1,164 @@
+"""Alerts for failed token renewals, posted to a Slack-compatible webhook.
+
+:class:`~common.base_token_manager.BaseTokenManager` calls :func:`send_renewal_alert` when a
+renewal is refused by the broker (``outcome="refused"``, with the broker's code) or fails without
+a code (``outcome="failed"``: network, 5xx, garbled answer) and ``KIS_ALERT_WEBHOOK_URL`` is set.
+The request is one ``POST`` of ``{"text": "..."}``, which Slack incoming webhooks, Mattermost,
+Rocket.Chat, Discord's ``/slack`` endpoints and most chat bridges accept.
+
+Rules:
+
+* At most one alert per market per *cause* within :data:`ALERT_INTERVAL` (30 min). The cause is
+  the broker's code (``EGW00133``), or the outcome when there is no code. The time of each attempt
+  is kept in ``state.alerts_sent`` (the caller saves the state, which is shared by every process
+  on the host through the token directory). An attempt counts even if the webhook did not answer,
+  so a dead webhook costs at most one timeout per cause and interval.
+* The text names the market, environment, outcome, broker code and message, and how long the
+  current token stays valid, or that there is no valid token (none, or under the 5 min expiry
+  margin, when it is no longer handed out). It never holds the token, the app key or the secret.
+* One try, no retries, bounded by :data:`CONNECT_TIMEOUT` + :data:`READ_TIMEOUT` (about 3 s).
+  Any failure (refused connection, timeout, non-2xx answer, bad URL) is logged as a warning that
+  names only the webhook's scheme and host (its path is a secret), and is never raised: an alert
+  must never stop the token from being served.
+
+This module imports ``requests`` and is itself imported only when an alert is due.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from urllib.parse import urlsplit
+
+from common.base_token_manager import EXPIRY_MARGIN
+from common.clock import format_duration
+from common.store import RenewalState
+
+#: Seconds during which a second alert for the same market and cause is not sent.
+ALERT_INTERVAL = 30 * 60.0
+#: Seconds to wait for the webhook's TCP (and TLS) connection.
+CONNECT_TIMEOUT = 2.0
+#: Seconds to wait for the webhook's answer once connected.
+READ_TIMEOUT = 1.0
+#: Longest broker or transport message quoted in an alert.
+MAX_MESSAGE = 300
+
+_log = logging.getLogger(__name__)
+
+
+def send_renewal_alert(
+    url: str,
+    state: RenewalState,
+    *,
+    market: str,
+    environment: str,
+    outcome: str,
+    code: str | None,
+    message: str | None,
+    seconds_left: float | None,
+    now: float,
+) -> None:
+    """Post one alert about a failed renewal, unless the same cause was alerted recently.
+
+    Args:
+        url: the webhook URL (``KIS_ALERT_WEBHOOK_URL``); treated as a secret.
+        state: the market's shared renewal memory; ``state.alerts_sent[cause]`` is set to ``now``
+            when an alert is attempted (the caller saves the state afterwards).
+        market: ``us`` or ``kr``.
+        environment: ``real`` or ``paper``.
+        outcome: ``refused`` or ``failed``.
+        code: the broker's error code, if it gave one.
+        message: the broker's or the transport's message, if any.
+        seconds_left: time left on the token currently held, or None if none is held.
+        now: the current time, epoch seconds.
+
+    Never raises on a webhook failure; the failure is logged as a warning.
+    """
+    cause = code or outcome
+    last = state.alerts_sent.get(cause)
+    if last is not None and 0 <= now - last < ALERT_INTERVAL:
+        _log.debug("%s renewal alert for %s already sent %.0f s ago; not repeated", market, cause, now - last)
+        return
+    state.alerts_sent = {
+        key: at for key, at in state.alerts_sent.items() if 0 <= now - at < ALERT_INTERVAL
+    }
+    state.alerts_sent[cause] = now
+    text = alert_text(
+        market=market, environment=environment, outcome=outcome, code=code,
+        message=message, seconds_left=seconds_left,
+    )
+    _post(url, text, market)
+
+
+def alert_text(
+    *,
+    market: str,
+    environment: str,
+    outcome: str,
+    code: str | None,
+    message: str | None,
+    seconds_left: float | None,
+) -> str:
+    """The alert's text: one headline, then the token's state (no token, key or secret)."""
+    reason = " ".join(part for part in (code, _clip(message)) if part) or "no details"
+    if seconds_left is not None and seconds_left > EXPIRY_MARGIN:
+        held = f"The current token stays valid for {format_duration(seconds_left)} more."
+    else:
+        if seconds_left is None:
+            why = "none is held"
+        elif seconds_left > 0:
+            why = f"the current one has only {format_duration(seconds_left)} left"
+        else:
+            why = f"the current one {format_duration(seconds_left)}"
+        held = f"There is no valid token ({why}): calls to this market fail until a renewal succeeds."
+    return (
+        f":warning: KIS {market.upper()} ({environment}) token renewal {outcome}: {reason}\n"
+        f"{held}\n"
+        f"Host {socket.gethostname()}. Further alerts for this cause are held back for "
+        f"{ALERT_INTERVAL / 60:g} min."
+    )
+
+
+def redacted_url(url: str) -> str:
+    """Only the scheme and host (and port) of ``url``: what a log may show of a webhook."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        port = parts.port
+    except ValueError:
+        return "an invalid URL"
+    if not parts.scheme or not host:
+        return "an invalid URL"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+def _clip(message: str | None) -> str | None:
+    if message is None:
+        return None
+    message = " ".join(message.split())
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
+
+
+def _post(url: str, text: str, market: str) -> None:
+    """One POST of ``{"text": text}``; every failure becomes a warning naming only the host."""
+    where = redacted_url(url)
+    try:
+        import requests
+
+        response = requests.post(
+            url,
+            json={"text": text},
+            timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+            allow_redirects=False,
+        )
+        status = response.status_code
+        response.close()
+    except Exception as exc:  # never let an alert break token serving; the text may hold the URL
+        _log.warning("%s renewal alert to %s failed: %s", market, where, type(exc).__name__)
+        return
+    if not 200 <= status < 300:
+        _log.warning("%s renewal alert to %s failed: HTTP %d", market, where, status)
+        return
+    _log.info("%s renewal alert sent to %s", market, where)

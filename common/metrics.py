@@ -1,0 +1,189 @@
+"""Prometheus metrics of one market's token, for ``COMMAND metrics`` (stdout or a textfile).
+
+Everything comes from the local files (the token record and the shared renewal memory); rendering
+never talks to the broker and never renews. Every sample carries the labels ``market`` (``us`` or
+``kr``) and ``environment`` (``real`` or ``paper``); the HELP texts do not depend on the market, so
+the US and KR textfiles can sit side by side in node_exporter's textfile directory.
+
+Gauges:
+
+* ``kis_token_present``: 1 if a usable token record is stored, else 0.
+* ``kis_token_valid``: 1 if the token has more than the 5 min expiry margin left, else 0.
+* ``kis_token_renewal_due``: 1 if the token is valid but inside the renewal window, else 0.
+* ``kis_token_expiry_timestamp_seconds``: the broker's expiry, epoch seconds (*).
+* ``kis_token_issued_timestamp_seconds``: when the token was obtained, epoch seconds (*).
+* ``kis_token_seconds_left``: expiry minus now, negative once expired (*).
+* ``kis_token_last_renewal_success_timestamp_seconds``: when a token was last obtained (**).
+* ``kis_token_last_request_timestamp_seconds``: when a token was last requested (**).
+
+Counters:
+
+* ``kis_token_renewals_total``: tokens obtained (new, or the same one re-sent by the broker).
+* ``kis_token_refusals_total{code="EGW00133"}``: refusals by broker code; ``code="LOCAL"`` counts
+  requests this host held back itself (one a minute).
+* ``kis_token_failures_total``: requests that failed without a broker code (network, 5xx, garbage).
+
+(*) only when a record is present; (**) only when known. A family without a value is still
+declared (HELP and TYPE lines) but has no sample.
+
+The counters live in ``<prefix>renewal_state.json`` and count from that file's creation.
+
+Suggested alert rules: ``kis_token_valid == 0``; ``kis_token_seconds_left < 900``;
+``increase(kis_token_refusals_total[1h]) > 0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from common.errors import StoreError
+
+#: Textfiles are read by node_exporter, which often runs as another user; they hold no secret.
+TEXTFILE_MODE = 0o644
+LABELS = ("market", "environment")
+
+
+class TokenCollector(Collector):
+    """A one-shot Prometheus collector over one manager's local token state."""
+
+    def __init__(self, manager: Any) -> None:
+        self.manager = manager
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: keeps registration from collecting (and reading files) early."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Read the record and the renewal memory once and yield every metric family."""
+        manager = self.manager
+        info = manager.get_token_info()
+        record = manager.load_token()
+        state = manager.load_renewal_state()
+        now = manager.now()
+        labels = [info["market"], info["environment"]]
+
+        def gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=LABELS)
+            if value is not None:
+                family.add_metric(labels, float(value))
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=LABELS)
+            family.add_metric(labels, float(value))
+            return family
+
+        present = record is not None
+        yield gauge("kis_token_present", "1 if a usable KIS token record is stored, else 0.", int(present))
+        yield gauge(
+            "kis_token_valid",
+            "1 if the stored KIS token has more than the expiry margin left, else 0.",
+            int(bool(info["valid"]) and present),
+        )
+        yield gauge(
+            "kis_token_renewal_due",
+            "1 if the KIS token is valid but inside the renewal window, else 0.",
+            int(info["status"] == "renewal_due" and present),
+        )
+        yield gauge(
+            "kis_token_expiry_timestamp_seconds",
+            "Expiry of the stored KIS token as stated by the broker, epoch seconds.",
+            record.expires_at if present else None,
+        )
+        yield gauge(
+            "kis_token_issued_timestamp_seconds",
+            "When the stored KIS token was obtained, epoch seconds.",
+            record.issued_at if present else None,
+        )
+        yield gauge(
+            "kis_token_seconds_left",
+            "Seconds until the stored KIS token expires (negative once expired).",
+            record.seconds_left(now) if present else None,
+        )
+        yield counter(
+            "kis_token_renewals",
+            "KIS tokens obtained (new or re-sent by the broker) on this host.",
+            state.renewals,
+        )
+        refusals = CounterMetricFamily(
+            "kis_token_refusals",
+            "KIS token requests refused, by broker code (LOCAL: held back by this host).",
+            labels=(*LABELS, "code"),
+        )
+        for code, count in sorted(state.refusals.items()):
+            refusals.add_metric([*labels, code], float(count))
+        yield refusals
+        yield counter(
+            "kis_token_failures",
+            "KIS token requests that failed without a broker code (network, 5xx, bad answer).",
+            state.failures,
+        )
+        yield gauge(
+            "kis_token_last_renewal_success_timestamp_seconds",
+            "When a KIS token was last obtained, epoch seconds.",
+            state.last_success_at,
+        )
+        yield gauge(
+            "kis_token_last_request_timestamp_seconds",
+            "When a KIS token was last requested from the broker, epoch seconds.",
+            state.last_request_at,
+        )
+
+
+def render(manager: Any) -> str:
+    """Prometheus text exposition (format 0.0.4) of ``manager``'s token; no broker request.
+
+    Raises:
+        ConfigError: the market is not configured (its key fingerprint is needed to read the record).
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TokenCollector(manager))
+    return generate_latest(registry).decode("utf-8")
+
+
+def write_textfile(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically, for node_exporter's textfile collector.
+
+    The text goes to a hidden temp file in the same directory (not matching ``*.prom``), is
+    fsynced, made mode :data:`TEXTFILE_MODE`, then renamed over ``path``: a reader sees the old
+    file or the new one, never half of one. The directory is not created.
+
+    Raises:
+        StoreError: the file cannot be written (one line naming the path and the reason).
+    """
+    target = Path(path)
+    directory = target.parent
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise StoreError(f"cannot write metrics to {target}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fchmod(handle.fileno(), TEXTFILE_MODE)
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StoreError(f"cannot write metrics to {target}: {exc.strerror or exc}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
