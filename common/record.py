@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from common.clock import parse_iso, to_kst_iso
 
@@ -15,8 +14,7 @@ class CorruptRecordError(ValueError):
     """A stored record could not be used; the message says why (never quoting the token)."""
 
 
-@dataclass(frozen=True)
-class TokenRecord:
+class TokenRecord(NamedTuple):
     """An immutable snapshot of one market's token.
 
     Attributes:

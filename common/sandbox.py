@@ -78,11 +78,7 @@ def _api_error(code: str, text: str) -> Reply:
 
 def _number(value: Any, name: str, minimum: float = 0.0) -> float:
     """Return ``value`` as a finite float of at least ``minimum``, or raise ValueError."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-    ):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number")
     if value < minimum:
         raise ValueError(f"{name} must be at least {minimum:g}")
@@ -204,9 +200,7 @@ class Sandbox:
         server_class = _Server6 if ":" in self.host else _Server
         self._server = server_class((self.host, self.port), self)
         host, port = self._server.server_address[:2]
-        self._base_url = (
-            f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
-        )
+        self._base_url = f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
         self._stopping.clear()
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -257,9 +251,7 @@ class Sandbox:
         with self._lock:
             return self._counters.snapshot()
 
-    def inject_fault(
-        self, mode: str, count: int = 1, delay: float = 2.0, path: str = TOKEN_PATH
-    ) -> None:
+    def inject_fault(self, mode: str, count: int = 1, delay: float = 2.0, path: str = TOKEN_PATH) -> None:
         """Serve ``mode`` instead of the normal answer to the next ``count`` requests to ``path``.
 
         Modes: ``5xx`` (503, HTML body), ``html`` (200, HTML page), ``truncated`` (200, cut
@@ -273,11 +265,7 @@ class Sandbox:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError("count must be an integer of at least 1")
         delay = _number(delay, "delay")
-        if (
-            not isinstance(path, str)
-            or not path.startswith("/")
-            or path.startswith("/sandbox/")
-        ):
+        if not isinstance(path, str) or not path.startswith("/") or path.startswith("/sandbox/"):
             raise ValueError("path must start with / and not be under /sandbox/")
         with self._lock:
             self._faults.setdefault(path, []).append(_Fault(mode, delay, count))
@@ -378,19 +366,13 @@ class Sandbox:
             self._counters.rate_limited[key] += 1
             return _oauth_error(403, "EGW00133", _RATE_LIMITED)
         token = self._current.get(key)
-        if (
-            token is None
-            or now - token.issued >= self.same_token_window
-            or now >= token.expires
-        ):
+        if token is None or now - token.issued >= self.same_token_window or now >= token.expires:
             value = "sbx-" + secrets.token_urlsafe(48)
             token = _Token(value, key, now, now + self.token_lifetime)
             self._tokens[value] = self._current[key] = token
             self._counters.tokens_issued[key] += 1
         self._last_answer[key] = now
-        expiry = datetime.fromtimestamp(token.expires, KST).strftime(
-            "%Y-%m-%d %H:%M:%S"
-        )
+        expiry = datetime.fromtimestamp(token.expires, KST).strftime("%Y-%m-%d %H:%M:%S")
         return 200, {
             "access_token": token.value,
             "access_token_token_expired": expiry,
@@ -416,9 +398,7 @@ class Sandbox:
 
     def _approve(self, body: dict[str, Any]) -> Reply:
         """``POST /oauth2/Approval`` (the secret is called ``secretkey`` here)."""
-        refusal = self._check_grant(body) or self._check_app(
-            body.get("appkey"), body.get("secretkey")
-        )
+        refusal = self._check_grant(body) or self._check_app(body.get("appkey"), body.get("secretkey"))
         if refusal:
             return refusal
         self._counters.approvals += 1
@@ -500,9 +480,7 @@ class Sandbox:
         if method != "POST":
             return _oauth_error(405, "EGW00101", "허용되지 않은 메서드입니다.")
         if body is None or not raw.strip():
-            return _oauth_error(
-                400, "EGW00101", "유효하지 않은 요청입니다. (JSON 본문 필요)"
-            )
+            return _oauth_error(400, "EGW00101", "유효하지 않은 요청입니다. (JSON 본문 필요)")
         with self._lock:
             return endpoint(body)
 
@@ -612,6 +590,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], sandbox: Sandbox) -> None:
         self.sandbox = sandbox
@@ -638,9 +617,7 @@ def _parse_apps(values: list[str]) -> dict[str, str]:
     for number, value in enumerate(values, 1):
         key, colon, secret = value.partition(":")
         if not (colon and key and secret):
-            raise ValueError(
-                f"--app #{number} must be KEY:SECRET with both parts non-empty"
-            )
+            raise ValueError(f"--app #{number} must be KEY:SECRET with both parts non-empty")
         apps[key] = secret
     return apps
 
@@ -655,17 +632,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m common.sandbox",
         description="Local stand-in for the KIS OAuth API.",
     )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="loopback address (default %(default)s)"
-    )
+    parser.add_argument("--host", default="127.0.0.1", help="loopback address (default %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one")
     parser.add_argument("--rate-limit", type=float, default=60.0, metavar="SECONDS")
-    parser.add_argument(
-        "--token-lifetime", type=float, default=86400.0, metavar="SECONDS"
-    )
-    parser.add_argument(
-        "--same-token-window", type=float, default=6 * 3600.0, metavar="SECONDS"
-    )
+    parser.add_argument("--token-lifetime", type=float, default=86400.0, metavar="SECONDS")
+    parser.add_argument("--same-token-window", type=float, default=6 * 3600.0, metavar="SECONDS")
     parser.add_argument(
         "--app",
         action="append",
@@ -673,9 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY:SECRET",
         help="accepted app (repeatable)",
     )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log requests to stderr"
-    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log requests to stderr")
     args = parser.parse_args(argv)
 
     def fail(message: str, code: int = 2) -> int:

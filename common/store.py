@@ -19,12 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from common.clock import to_kst_iso
 from common.errors import LockTimeoutError, StoreError
@@ -35,7 +33,20 @@ DIR_MODE = 0o700
 STALE_TEMP_AGE = 600.0
 
 
-@dataclass
+_STATE_DEFAULTS: dict[str, Any] = {
+    "last_request_at": None,
+    "last_outcome": None,
+    "last_outcome_at": None,
+    "last_code": None,
+    "last_message": None,
+    "last_success_at": None,
+    "renewals": 0,
+    "refusals": {},
+    "failures": 0,
+    "alerts_sent": {},
+}
+
+
 class RenewalState:
     """What every process on the host remembers about this market's token requests.
 
@@ -52,16 +63,25 @@ class RenewalState:
         alerts_sent: cause -> epoch of the last alert sent for it.
     """
 
-    last_request_at: float | None = None
-    last_outcome: str | None = None
-    last_outcome_at: float | None = None
-    last_code: str | None = None
-    last_message: str | None = None
-    last_success_at: float | None = None
-    renewals: int = 0
-    refusals: dict[str, int] = field(default_factory=dict)
-    failures: int = 0
-    alerts_sent: dict[str, float] = field(default_factory=dict)
+    last_request_at: float | None
+    last_outcome: str | None
+    last_outcome_at: float | None
+    last_code: str | None
+    last_message: str | None
+    last_success_at: float | None
+    renewals: int
+    refusals: dict[str, int]
+    failures: int
+    alerts_sent: dict[str, float]
+
+    def __init__(self, **values: Any) -> None:
+        for name, default in _STATE_DEFAULTS.items():
+            value = values.get(name, default)
+            setattr(self, name, dict(value) if isinstance(value, dict) else value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The state as a JSON-ready dict."""
+        return {name: getattr(self, name) for name in _STATE_DEFAULTS}
 
     @classmethod
     def from_json(cls, text: str) -> RenewalState:
@@ -72,14 +92,10 @@ class RenewalState:
             raise CorruptRecordError("not valid JSON") from None
         if not isinstance(data, dict):
             raise CorruptRecordError("expected a JSON object")
-        known = {f.name: f for f in fields(cls)}
-        state = cls(**{k: v for k, v in data.items() if k in known})
-        defaults = cls()
-        for name in known:
-            value, default = getattr(state, name), getattr(defaults, name)
-            if not _same_kind(value, default, name):
+        for name, default in _STATE_DEFAULTS.items():
+            if name in data and not _same_kind(data[name], default, name):
                 raise CorruptRecordError(f"field {name!r} has the wrong type")
-        return state
+        return cls(**data)
 
 
 def _same_kind(value: object, default: object, name: str) -> bool:
@@ -87,7 +103,7 @@ def _same_kind(value: object, default: object, name: str) -> bool:
         return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
     if name in ("last_outcome", "last_code", "last_message"):
         return value is None or isinstance(value, str)
-    return isinstance(value, type(default))
+    return isinstance(value, type(default)) and not isinstance(value, bool)
 
 
 class TokenStore(Protocol):
@@ -200,7 +216,7 @@ class FileTokenStore:
 
     def save_state(self, state: RenewalState) -> None:
         """Write the renewal memory atomically."""
-        self._write(self.state_path, json.dumps(asdict(state), indent=2))
+        self._write(self.state_path, json.dumps(state.to_dict(), indent=2))
 
     def locations(self) -> dict[str, str]:
         """Paths of the files, by role."""
@@ -236,6 +252,8 @@ class FileTokenStore:
             os.chmod(self.directory, DIR_MODE)
 
     def _write(self, path: Path, text: str) -> None:
+        import tempfile  # only when writing: keeps `check` start-up lean
+
         try:
             self._ensure_directory()
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.", suffix=".tmp")

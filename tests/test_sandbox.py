@@ -49,18 +49,14 @@ def token(sb: Sandbox, key: str = "KEY1", secret: str = "SECRET1") -> requests.R
     return post(sb, "/oauth2/tokenP", body)
 
 
-def quote(
-    sb: Sandbox, access_token: str, key: str = "KEY1", path: str = DOMESTIC
-) -> requests.Response:
+def quote(sb: Sandbox, access_token: str, key: str = "KEY1", path: str = DOMESTIC) -> requests.Response:
     headers = {
         "authorization": f"Bearer {access_token}",
         "appkey": key,
         "appsecret": "x",
     }
     params = {"FID_COND_MRKT_DIV_CODE": "J", "FID_INPUT_ISCD": "005930"}
-    return requests.get(
-        sb.base_url + path, headers=headers, params=params, timeout=TIMEOUT
-    )
+    return requests.get(sb.base_url + path, headers=headers, params=params, timeout=TIMEOUT)
 
 
 def kst_epoch(text: str) -> float:
@@ -126,10 +122,7 @@ def test_second_request_within_a_minute_is_rate_limited(sb: Sandbox) -> None:
     assert token(sb).status_code == 200
     refused = token(sb)
     assert_oauth_error(refused, 403, "EGW00133")
-    assert (
-        refused.json()["error_description"]
-        == "접근토큰 발급 잠시 후 다시 시도하세요(1분당 1회)"
-    )
+    assert refused.json()["error_description"] == "접근토큰 발급 잠시 후 다시 시도하세요(1분당 1회)"
     assert token(sb, key="OTHER").status_code == 200  # the limit is per app key
     sb.advance(61)
     assert token(sb).status_code == 200
@@ -155,17 +148,13 @@ def test_registered_apps_refuse_wrong_key_and_secret(registered: Sandbox) -> Non
         ({"grant_type": "client_credentials", "appkey": "K"}, "EGW00104"),
     ],
 )
-def test_bad_token_request_is_refused(
-    sb: Sandbox, body: dict[str, str], code: str
-) -> None:
+def test_bad_token_request_is_refused(sb: Sandbox, body: dict[str, str], code: str) -> None:
     assert_oauth_error(post(sb, "/oauth2/tokenP", body), 403, code)
     assert sb.counters()["tokens_issued"] == {}
 
 
 def test_non_json_body_is_a_400_in_error_shape(sb: Sandbox) -> None:
-    reply = requests.post(
-        sb.base_url + "/oauth2/tokenP", data=b"appkey=K", timeout=TIMEOUT
-    )
+    reply = requests.post(sb.base_url + "/oauth2/tokenP", data=b"appkey=K", timeout=TIMEOUT)
     assert_oauth_error(reply, 400, "EGW00101")
 
 
@@ -179,9 +168,7 @@ def test_revoked_token_is_refused_and_next_issuance_is_new(registered: Sandbox) 
     assert reply.status_code == 200
     assert reply.json() == {"code": 200, "message": "접근토큰 폐기에 성공하였습니다"}
     assert_api_error(quote(registered, old), "EGW00121")
-    assert_oauth_error(
-        token(registered), 403, "EGW00133"
-    )  # revoking does not lift the limit
+    assert_oauth_error(token(registered), 403, "EGW00133")  # revoking does not lift the limit
     registered.advance(61)
     new = token(registered).json()["access_token"]
     assert new != old
@@ -217,9 +204,7 @@ def test_approval_takes_secretkey(registered: Sandbox) -> None:
         "appkey": "KEY1",
         "appsecret": "SECRET1",
     }
-    assert_oauth_error(
-        post(registered, "/oauth2/Approval", appsecret_instead), 403, "EGW00104"
-    )
+    assert_oauth_error(post(registered, "/oauth2/Approval", appsecret_instead), 403, "EGW00104")
     assert registered.counters()["approvals"] == 1
 
 
@@ -236,9 +221,7 @@ def test_protected_endpoints_answer_quotes_with_a_valid_token(sb: Sandbox) -> No
     overseas = quote(sb, access, path=OVERSEAS).json()
     assert float(overseas["output"]["last"]) > 0
     headers = {"Authorization": f"Bearer {access}", "AppKey": "KEY1"}
-    other = requests.post(
-        sb.base_url + "/uapi/other/v1/thing", headers=headers, json={}, timeout=TIMEOUT
-    )
+    other = requests.post(sb.base_url + "/uapi/other/v1/thing", headers=headers, json={}, timeout=TIMEOUT)
     assert other.status_code == 200 and other.json()["rt_cd"] == "0"
     assert sb.counters()["protected_calls"] == 3
 
@@ -255,9 +238,7 @@ def test_protected_endpoint_refuses_garbage_missing_or_foreign_token(
     access = token(sb).json()["access_token"]
     assert_api_error(quote(sb, "garbage"), "EGW00121")
     assert_api_error(quote(sb, access, key="KEY2"), "EGW00121")
-    missing = requests.get(
-        sb.base_url + DOMESTIC, headers={"appkey": "KEY1"}, timeout=TIMEOUT
-    )
+    missing = requests.get(sb.base_url + DOMESTIC, headers={"appkey": "KEY1"}, timeout=TIMEOUT)
     assert_api_error(missing, "EGW00121")
 
 
@@ -309,10 +290,7 @@ def test_faults_over_http_on_another_path_and_clearing(sb: Sandbox) -> None:
     reply = post(sb, "/sandbox/faults", {"mode": "5xx", "count": 3, "path": DOMESTIC})
     assert reply.status_code == 200
     assert quote(sb, access).status_code == 503
-    assert (
-        requests.delete(sb.base_url + "/sandbox/faults", timeout=TIMEOUT).status_code
-        == 200
-    )
+    assert requests.delete(sb.base_url + "/sandbox/faults", timeout=TIMEOUT).status_code == 200
     assert quote(sb, access).status_code == 200
     assert post(sb, "/sandbox/faults", {"mode": "nonsense"}).status_code == 400
 
@@ -340,9 +318,7 @@ def test_clock_config_and_reset_over_http(sb: Sandbox) -> None:
     access = token(sb).json()["access_token"]
     assert post(sb, "/sandbox/clock", {"offset": DAY + 1}).json()["offset"] == DAY + 1
     assert_api_error(quote(sb, access), "EGW00123")
-    config = post(
-        sb, "/sandbox/config", {"rate_limit": 0, "token_lifetime": 100}
-    ).json()
+    config = post(sb, "/sandbox/config", {"rate_limit": 0, "token_lifetime": 100}).json()
     assert config == {
         "rate_limit": 0,
         "token_lifetime": 100,
@@ -366,9 +342,7 @@ def test_non_loopback_host_is_refused_before_binding() -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "common.sandbox", *args]
-    return subprocess.run(
-        command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=10
-    )
+    return subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=10)
 
 
 def test_cli_prints_url_serves_and_exits_cleanly_on_sigterm() -> None:
@@ -381,9 +355,7 @@ def test_cli_prints_url_serves_and_exits_cleanly_on_sigterm() -> None:
         "--app",
         "KEY1:SECRET1",
     ]
-    proc = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 10)
         assert ready, "no URL printed"
