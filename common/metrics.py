@@ -34,9 +34,7 @@ Suggested alert rules: ``kis_token_valid == 0``; ``kis_token_seconds_left < 900`
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from common.errors import StoreError
+from common.store import atomic_write
 
 #: Textfiles are read by node_exporter, which often runs as another user; they hold no secret.
 TEXTFILE_MODE = 0o644
@@ -161,29 +159,4 @@ def write_textfile(path: str | os.PathLike[str], text: str) -> None:
         StoreError: the file cannot be written (one line naming the path and the reason).
     """
     target = Path(path)
-    directory = target.parent
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise StoreError(f"cannot write metrics to {target}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), TEXTFILE_MODE)
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise StoreError(f"cannot write metrics to {target}: {exc.strerror or exc}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    atomic_write(target, text, TEXTFILE_MODE, what=f"metrics to {target}")

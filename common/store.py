@@ -252,25 +252,41 @@ class FileTokenStore:
             os.chmod(self.directory, DIR_MODE)
 
     def _write(self, path: Path, text: str) -> None:
-        import tempfile  # only when writing: keeps `check` start-up lean
-
         try:
             self._ensure_directory()
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.", suffix=".tmp")
         except OSError as exc:
-            raise StoreError(f"cannot write in {self.directory}: {exc.strerror or exc}") from None
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fchmod(handle.fileno(), FILE_MODE)
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
+            raise StoreError(f"cannot create {self.directory}: {exc.strerror or exc}") from None
+        atomic_write(path, text, FILE_MODE)
+
+
+def atomic_write(path: Path, text: str, mode: int, what: str = "") -> None:
+    """Replace ``path`` with ``text`` atomically: a reader sees the old file or the new, never half.
+
+    Temp file in the same directory (created 0600), fsync, chmod ``mode``, ``os.replace``, fsync of
+    the directory. On failure the temp file is removed and the old file is left as it was.
+
+    Raises:
+        StoreError: one line naming ``what`` (default: the path) and the reason.
+    """
+    import tempfile  # only when writing: keeps `check` start-up lean
+
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise
-        _fsync_directory(self.directory)
+        if isinstance(exc, OSError):
+            raise StoreError(f"cannot write {what or path}: {exc.strerror or exc}") from None
+        raise
+    _fsync_directory(path.parent)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -11,6 +11,7 @@ import time
 import pytest
 import responses
 
+from common.errors import StoreError
 from common.record import TokenRecord
 from common.settings import Settings
 from tests.conftest import DAY, TOKEN_URL, fake_token, token_answer
@@ -143,7 +144,7 @@ def test_writes_are_atomic_and_leave_no_temp_files(us, clock, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(StoreError, match="No space left on device"):
         us.save_token(good_record(us, clock, access_token=fake_token(2)))
     assert us.store.record_path.read_text() == before
     assert [p.name for p in us.store.directory.iterdir() if p.name.endswith(".tmp")] == []
