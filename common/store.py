@@ -30,7 +30,7 @@ from common.record import CorruptRecordError, TokenRecord
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
-STALE_TEMP_AGE = 600.0
+STALE_TEMP_AGE = 60.0
 
 
 _STATE_DEFAULTS: dict[str, Any] = {
