@@ -44,7 +44,7 @@ What is measured (reported in this order):
    ``CorruptRecordError`` counts as broken), is the renewal state parseable, and is the lock free at
    once (one try, no wait). The worker publishes what it is doing in shared memory, so the report
    also says where the kills landed (lock held, request in flight, writing the record...), and
-   counts temp files left by writers killed mid-write (removed by later saves after 10 min).
+   counts temp files left by writers killed mid-write (removed by later saves after 60 s).
 5. **Memory**: peak RSS of ``python -c pass``, ``python -c "import requests"``, ``python -m
    us.token_manager check`` and of a process that builds a manager and calls ``get_valid_token()``
    100,000 times on a fresh token. Each runs under a small probe (``python -c``: an ``atexit`` hook,
@@ -775,7 +775,7 @@ def crash_safety(tmp: Path, sandbox: SandboxProcess, profile: Profile) -> list[s
         f"| records missing after a kill | {tally.missing_records} |",
         f"| renewal-state files left unparseable | {tally.broken_states} |",
         f"| lock still held right after the kill (one try, no wait) | {tally.lock_busy} of {tally.kills} |",
-        f"| temp files left by writers killed mid-write (swept after 10 min) | {temp_left} |",
+        f"| temp files left by writers killed mid-write (swept after 60 s) | {temp_left} |",
         f"| workers not ready in 10 s / exited before the kill | {tally.not_ready} / {tally.died_alone} |",
         f"| final record a valid sandbox token | {'yes' if final_ok else '**no**'} |",
         "",
