@@ -11,10 +11,15 @@ Renewal windows, measured back from the broker's expiry (a token lives 24 h):
   from memory.
 * inside the advisory window: one caller tries the cross-process lock without waiting and renews;
   if the lock is busy or the broker says no, everyone keeps the current token.
-* inside :data:`MANDATORY_WINDOW` (20 min): callers wait (at most :data:`LOCK_WAIT`) for the lock
-  and renew; a refusal is logged as an error and the current token is still served.
+* inside :data:`MANDATORY_WINDOW` (20 min): the caller waits (at most :data:`MANDATORY_LOCK_WAIT`)
+  for the lock and renews; a refusal is logged as an error and the current token is still served.
 * under :data:`EXPIRY_MARGIN` (5 min) left, or past expiry: the token is never handed out (it could
-  die in flight or under clock skew); a new one is required, and a refusal is an error.
+  die in flight or under clock skew); a new one is required (waiting at most :data:`LOCK_WAIT` for
+  another process's renewal), and a refusal is an error.
+
+Within a process, one thread renews while the others keep the current token if it is still valid.
+After a failed attempt the process backs off (:data:`MIN_REQUEST_INTERVAL`) without touching the
+disk, so a refusal costs nothing per call.
 
 All windows are far shorter than the 18 h after which the broker mints a new token (it answers
 with the *same* token within 6 h of an issuance), so a renewal never becomes a storm of same-token
@@ -53,10 +58,11 @@ ADVISORY_WINDOW = 60 * 60.0
 ADVISORY_JITTER = 10 * 60.0
 SYNC_INTERVAL = 1.0
 LOCK_WAIT = 30.0
+MANDATORY_LOCK_WAIT = 5.0
 MIN_REQUEST_INTERVAL = 61.0
 #: A token lives 24 h and the broker re-sends the same one within 6 h of an issuance, so no
-#: horizon beyond 18 h can ever be met by a renewal.
-MAX_HORIZON = 18 * 3600.0
+#: horizon beyond 18 h (less the expiry margin) can ever be met by a renewal.
+MAX_HORIZON = 18 * 3600.0 - EXPIRY_MARGIN
 
 ALERT_WEBHOOK_VAR = "KIS_ALERT_WEBHOOK_URL"
 
@@ -111,10 +117,12 @@ class BaseTokenManager(abc.ABC):
             jitter = random.uniform(0.0, ADVISORY_JITTER)
         self.advisory_window = ADVISORY_WINDOW + jitter
         self._mutex = threading.RLock()
-        # (record, serve-from-memory-until): one tuple, swapped whole, read lock-free.
-        self._cache: tuple[TokenRecord | None, float] = (None, _NEVER)
+        # (record, serve-from-memory-until, set-at): one tuple, swapped whole, read lock-free.
+        # Serving needs set-at <= now < until, so a clock stepped back never extends it.
+        self._cache: tuple[TokenRecord | None, float, float] = (None, _NEVER, _NEVER)
         self._signature: object = object()
-        self._next_attempt = _NEVER
+        # After a failed renewal: (when, not-again-before, why); the same clock-step rule applies.
+        self._backoff: tuple[float, float, KISTokenError | None] = (_NEVER, _NEVER, None)
         self._fingerprint: str | None = None
 
     # -- market hooks -------------------------------------------------------------------------
@@ -172,33 +180,49 @@ class BaseTokenManager(abc.ABC):
             TokenUnavailableError: no valid token is held and none could be obtained.
             ConfigError: this market is not configured.
         """
-        record, fresh_until = self._cache
-        if self._clock() < fresh_until:
+        record, fresh_until, since = self._cache
+        if since <= self._clock() < fresh_until:
             return record.access_token  # type: ignore[union-attr]
         return self.get_valid_record().access_token
 
     def get_valid_record(self) -> TokenRecord:
         """Like :meth:`get_valid_token` but return the whole immutable record."""
-        record, fresh_until = self._cache
-        if record is not None and self._clock() < fresh_until:
+        record, fresh_until, since = self._cache
+        now = self._clock()
+        if record is not None and since <= now < fresh_until:
             return record
-        with self._mutex:
+        if not self._mutex.acquire(blocking=False):
+            # Another thread is syncing or renewing: keep serving a token that is still valid.
+            if record is not None and record.seconds_left(now) > EXPIRY_MARGIN:
+                return record
+            if not self._mutex.acquire(timeout=LOCK_WAIT + 30.0):
+                raise TokenUnavailableError(f"no valid {self.market} token: another thread's renewal hangs")
+        try:
             return self._ensure_valid()
+        finally:
+            self._mutex.release()
 
     def load_token(self) -> TokenRecord | None:
         """Read this market's record from the store; None if absent or unusable (warning logged)."""
+        return self._load()[0]
+
+    def _load(self) -> tuple[TokenRecord | None, bool]:
+        """The usable stored record (or None), and whether anything was stored at all."""
         try:
             record = self.store.load()
         except CorruptRecordError as exc:
-            _log.warning("ignoring the stored %s token: %s; a new one will be requested", self.market, exc)
-            return None
+            _log.warning("ignoring the stored %s token: %s", self.market, exc)
+            return None, True
         if record is None:
-            return None
+            return None, False
         reason = record.mismatch(self.market, self.environment, self.key_fingerprint())
         if reason is not None:
-            _log.warning("ignoring the stored %s token: %s; a new one will be requested", self.market, reason)
-            return None
-        return record
+            _log.warning(
+                "ignoring the stored %s token: %s (processes of different environments or keys "
+                "need different KIS_TOKEN_DIRs)", self.market, reason,
+            )
+            return None, True
+        return record, True
 
     def save_token(self, record: TokenRecord) -> None:
         """Store ``record`` atomically and serve it from memory from now on."""
@@ -274,8 +298,9 @@ class BaseTokenManager(abc.ABC):
         """
         if valid_for > MAX_HORIZON:
             raise ValueError(
-                f"a horizon over {MAX_HORIZON / 3600:g} h can never be met: tokens live 24 h and "
-                "the broker re-sends the same token within 6 h of issuing it"
+                f"a horizon over {clock_module.format_duration(MAX_HORIZON)} can never be met: tokens "
+                "live 24 h and the broker re-sends the same token within 6 h of issuing it, so a "
+                "renewal gives at most 18 h, less the 5-min expiry margin"
             )
         horizon = valid_for + EXPIRY_MARGIN
 
@@ -288,7 +313,7 @@ class BaseTokenManager(abc.ABC):
             if not needed(record, self._clock()):
                 return record, False  # type: ignore[return-value]
             renewed = self._renew(LOCK_WAIT, needed)
-            return renewed, renewed is not record
+            return renewed, record is None or renewed.access_token != record.access_token
 
     def revoke(self) -> list[str]:
         """Revoke this market's token at the broker, then delete the local files.
@@ -359,18 +384,27 @@ class BaseTokenManager(abc.ABC):
         if left > self.advisory_window:
             return record  # type: ignore[return-value]
         usable = left > EXPIRY_MARGIN
-        if usable and now < self._next_attempt:
-            return record  # type: ignore[return-value]
-        wait = 0.0 if left > MANDATORY_WINDOW else LOCK_WAIT
+        failed_at, retry_at, failure = self._backoff
+        if failed_at <= now < retry_at:
+            if usable:
+                return record  # type: ignore[return-value]
+            raise TokenUnavailableError(f"no valid {self.market} token: {failure}")
+        if left > MANDATORY_WINDOW:
+            wait = 0.0
+        elif usable:
+            wait = MANDATORY_LOCK_WAIT
+        else:
+            wait = LOCK_WAIT
         try:
             return self._renew(wait, self._renewal_needed)
         except ConfigError:
             raise
         except KISTokenError as exc:
-            current = self._cache[0]
             now = self._clock()
+            current = self._cache[0]
+            self._back_off(exc, now)
             if current is not None and current.seconds_left(now) > EXPIRY_MARGIN:
-                self._keep_current(current, exc, now)
+                self._log_kept(current, exc, now)
                 self._set_record(current, now)
                 return current
             raise TokenUnavailableError(f"no valid {self.market} token: {exc}") from exc
@@ -378,18 +412,20 @@ class BaseTokenManager(abc.ABC):
     def _renewal_needed(self, record: TokenRecord | None, now: float) -> bool:
         return record is None or record.seconds_left(now) <= self.advisory_window
 
-    def _keep_current(self, current: TokenRecord, exc: KISTokenError, now: float) -> None:
-        left = clock_module.format_duration(current.seconds_left(now))
+    def _back_off(self, exc: KISTokenError, now: float) -> None:
+        """No new attempt from this process for a while (the lock was busy: a short while)."""
+        pause = MANDATORY_LOCK_WAIT if isinstance(exc, LockTimeoutError) else MIN_REQUEST_INTERVAL
+        self._backoff = (now, now + pause, exc)
+
+    def _log_kept(self, current: TokenRecord, exc: KISTokenError, now: float) -> None:
         if isinstance(exc, LockTimeoutError):
-            self._next_attempt = now + SYNC_INTERVAL
             _log.debug("another process is renewing the %s token; serving the current one", self.market)
             return
-        self._next_attempt = now + MIN_REQUEST_INTERVAL
         in_mandatory = current.seconds_left(now) <= MANDATORY_WINDOW
         _log.log(
             logging.ERROR if in_mandatory else logging.WARNING,
             "%s token renewal failed (%s); keeping the current token, valid for %s more",
-            self.market, exc, left,
+            self.market, exc, clock_module.format_duration(current.seconds_left(now)),
         )
 
     def _renew(
@@ -411,10 +447,10 @@ class BaseTokenManager(abc.ABC):
 
     def _hold_back_if_too_soon(self, state: RenewalState, now: float) -> None:
         last = state.last_request_at
-        if last is None or not 0 <= now - last < MIN_REQUEST_INTERVAL:
+        if last is None or abs(now - last) >= MIN_REQUEST_INTERVAL:  # abs: a clock stepped back
             return
         message = (
-            f"a {self.market} token was requested {now - last:.0f} s ago; the broker allows one "
+            f"a {self.market} token was requested {abs(now - last):.0f} s ago; the broker allows one "
             f"a minute (next request possible in {last + MIN_REQUEST_INTERVAL - now:.0f} s)"
         )
         state.refusals["LOCAL"] = state.refusals.get("LOCAL", 0) + 1
@@ -428,7 +464,7 @@ class BaseTokenManager(abc.ABC):
         try:
             issued = kis_client.issue_token(
                 self.get_api_url(), app_key, app_secret,
-                now=self._clock, sleep=self._sleep, session=self._session,
+                now=self._clock, sleep=self._sleep, session=self._session, min_lifetime=EXPIRY_MARGIN,
             )
         except BrokerError as exc:
             self._note_outcome(state, "refused", code=exc.code, message=exc.broker_message)
@@ -448,6 +484,7 @@ class BaseTokenManager(abc.ABC):
             key_fingerprint=self.key_fingerprint(),
         )
         self.save_token(record)
+        self._backoff = (_NEVER, _NEVER, None)
         self._note_outcome(state, "same_token" if same else "renewed")
         _log.info(
             "%s %s token %s, expires %s",
@@ -470,7 +507,10 @@ class BaseTokenManager(abc.ABC):
         else:
             state.failures += 1
         if outcome in ("refused", "failed"):
-            self._alert(state, outcome, code, message, now)
+            try:
+                self._alert(state, outcome, code, message, now)
+            except Exception as exc:  # an alert must never stop the token from being served
+                _log.warning("%s renewal alert not sent: %s", self.market, type(exc).__name__)
         self.store.save_state(state)
 
     def _alert(
@@ -509,13 +549,23 @@ class BaseTokenManager(abc.ABC):
     # -- memory cache -------------------------------------------------------------------------
 
     def _sync(self, force: bool = False) -> None:
-        """Reload the record if the store changed since we last read it."""
+        """Reload the record if the store changed since we last read it.
+
+        A stored record that cannot be used (corrupt, or of another environment or key) does not
+        replace a valid one held in memory: that one keeps being served until it is renewed. A
+        record that was removed (``delete``, ``revoke``) is dropped.
+        """
+        now = self._clock()
+        current = self._cache[0]
         signature = self.store.signature()
         if force or signature != self._signature:
             self._signature = signature
-            self._set_record(self.load_token(), self._clock())
-        else:
-            self._set_record(self._cache[0], self._clock())
+            record, stored = self._load()
+            keep = record is None and stored and current is not None
+            if keep and current.seconds_left(now) > EXPIRY_MARGIN:  # type: ignore[union-attr]
+                record = current
+            current = record
+        self._set_record(current, now)
 
     def _set_record(self, record: TokenRecord | None, now: float) -> None:
         """Swap in ``record`` and how long it may be served without looking at the store again.
@@ -531,10 +581,12 @@ class BaseTokenManager(abc.ABC):
                 for window in (self.advisory_window, MANDATORY_WINDOW, EXPIRY_MARGIN)
                 if record.expires_at - window > now
             ]
+            failed_at, retry_at, _ = self._backoff
+            backing_off = failed_at <= now < retry_at
             in_window = len(boundaries) < 3
-            if boundaries and (not in_window or now < self._next_attempt):
+            if boundaries and (not in_window or backing_off):
                 limit = now + SYNC_INTERVAL
                 if in_window:
-                    limit = min(limit, self._next_attempt)
+                    limit = min(limit, retry_at)
                 fresh_until = min(limit, boundaries[0])
-        self._cache = (record, fresh_until)
+        self._cache = (record, fresh_until, now)

@@ -21,18 +21,15 @@ module only from :meth:`BaseTokenManager.create_broker`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-import json
 import logging
 import re
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.errors import ConfigError, LockTimeoutError
+from common.errors import ConfigError
 
 if TYPE_CHECKING:
     from common.base_token_manager import BaseTokenManager
@@ -78,9 +75,7 @@ def create_broker(manager: BaseTokenManager, acc_no: str | None = None, **kwargs
         raise ValueError(f"mock={kwargs['mock']!r} contradicts KIS_ENV={manager.environment}; set KIS_ENV")
     kwargs.setdefault("exchange", config.BROKER_EXCHANGE)
     app_key, app_secret = manager.get_app_credentials()
-    broker = broker_class()(manager, app_key, app_secret, acc_no, **kwargs)
-    _keep_mojito_file_in_step(manager)
-    return broker
+    return broker_class()(manager, app_key, app_secret, acc_no, **kwargs)
 
 
 @functools.cache
@@ -187,27 +182,3 @@ def _retry_once_on_rejection(method: Callable[..., Any]) -> Callable[..., Any]:
                 calls.token = None
 
     return call
-
-
-def _keep_mojito_file_in_step(manager: BaseTokenManager) -> None:
-    """Make ``<prefix>krs_token.dat`` hold the manager's current token (JSON, no secret).
-
-    The store writes that file with every record; this repairs it if it was removed or is stale.
-    Skipped if another process holds the renewal lock: its save writes the file anyway.
-    """
-    path = getattr(manager.store, "mojito_path", None)
-    token = manager.get_valid_token()
-    if path is None or _mojito_file_token(path) == f"Bearer {token}":
-        return
-    with contextlib.suppress(LockTimeoutError), manager.store.lock(0):
-        record = manager.load_token()
-        if record is not None and record.access_token == token:
-            manager.save_token(record)
-
-
-def _mojito_file_token(path: Path) -> str | None:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data.get("access_token") if isinstance(data, dict) else None

@@ -5,7 +5,8 @@ errors go to stderr. Expected failures print one line, never a traceback.
 
 Exit codes: 0 success; 1 the operation failed (refused, unreachable, no valid token); 2 usage;
 3 configuration error. ``check`` follows the Nagios plugin convention: 0 OK, 1 WARNING (valid but
-inside the renewal window), 2 CRITICAL (missing or expired), 3 UNKNOWN (configuration error).
+inside the renewal window), 2 CRITICAL (missing or expired), 3 UNKNOWN (configuration or internal
+error).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from common.clock import format_duration
-from common.errors import ConfigError, KISTokenError, RateLimitedError
+from common.errors import ConfigError, KISTokenError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 CHECK_EXIT = {"ok": 0, "renewal_due": 1, "missing": 2, "expired": 2}
@@ -57,7 +58,7 @@ def main(
     except Exception as exc:  # a bug or an unforeseen fault: one line, details at -vv
         _log.debug("internal error", exc_info=True)
         _error(args, f"internal error: {type(exc).__name__}: {exc}")
-        return EXIT_FAILED
+        return EXIT_CONFIG if args.run is _check else EXIT_FAILED  # check: 3 is UNKNOWN
 
 
 def _parser(market: str) -> argparse.ArgumentParser:
@@ -99,6 +100,8 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         level = "WARNING"
     logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(message)s")
+    # urllib3's debug lines carry request paths, and a webhook's path is its secret.
+    logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 def _error(args: argparse.Namespace, message: str) -> None:
@@ -197,9 +200,6 @@ def _warmup(manager, args: argparse.Namespace) -> int:
     except ValueError as exc:
         _error(args, str(exc))
         return EXIT_USAGE
-    except RateLimitedError as exc:
-        _error(args, f"{args.market} warm-up renewal refused: {exc}")
-        return EXIT_FAILED
     now = manager.now()
     if renewed:
         print(f"{args.market} token renewed for warm-up: {_summary(record, now)}")

@@ -48,6 +48,9 @@ BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 4.0
 BACKOFF_JITTER = 0.5
 
+#: Tokens live 24 h; an expiry further away than this is a garbled answer, not a token to keep.
+MAX_LIFETIME = 7 * 86400.0
+
 RATE_LIMIT_CODE = "EGW00133"
 CREDENTIAL_CODES = frozenset({"EGW00102", "EGW00103", "EGW00104", "EGW00105", "EGW02004"})
 
@@ -71,6 +74,7 @@ def issue_token(
     now: Callable[[], float],
     sleep: Callable[[float], None] = time.sleep,
     session: requests.Session | None = None,
+    min_lifetime: float = 0.0,
 ) -> IssuedToken:
     """Ask ``POST /oauth2/tokenP`` for a token.
 
@@ -81,6 +85,7 @@ def issue_token(
         now: the clock, used to reject a token that is already expired.
         sleep: how to wait between retries (tests pass a recorder).
         session: a ``requests.Session`` to send with, else a plain request.
+        min_lifetime: a token with no more than this many seconds left is refused as unusable.
 
     Returns:
         The token and its expiry, taken from ``access_token_token_expired`` (Korea time), or from
@@ -91,11 +96,12 @@ def issue_token(
         CredentialsError: the key or secret was rejected.
         BrokerError: any other refusal with a code.
         TransientError: the broker could not be reached or answered garbage, after the retries.
-        BadResponseError: the answer is JSON but not a usable token.
+        BadResponseError: the answer is JSON but not a usable token (missing fields, wrong types,
+            an expiry already past, within ``min_lifetime`` or beyond :data:`MAX_LIFETIME`).
     """
     body = {"grant_type": "client_credentials", "appkey": app_key, "appsecret": app_secret}
     data = _post_with_retries(base_url + TOKEN_PATH, body, sleep, session)
-    return _read_token(data, now())
+    return _read_token(data, now(), min_lifetime)
 
 
 def revoke_token(
@@ -190,7 +196,7 @@ def _refusal(data: dict[str, Any], status: int) -> BrokerError | None:
     return BrokerError(code, message, status)
 
 
-def _read_token(data: dict[str, Any], now: float) -> IssuedToken:
+def _read_token(data: dict[str, Any], now: float, min_lifetime: float) -> IssuedToken:
     token = data.get("access_token")
     if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token):
         raise BadResponseError("token answer has no usable access_token")
@@ -200,6 +206,10 @@ def _read_token(data: dict[str, Any], now: float) -> IssuedToken:
     expires_at = _read_expiry(data, now)
     if expires_at <= now:
         raise BadResponseError("the broker issued a token that is already expired")
+    if expires_at - now <= min_lifetime:
+        raise BadResponseError(f"the broker issued a token that expires in {expires_at - now:.0f} s")
+    if expires_at - now > MAX_LIFETIME:
+        raise BadResponseError("the broker issued a token whose expiry is not believable (over 7 days)")
     return IssuedToken(token, token_type.strip(), expires_at)
 
 
@@ -215,7 +225,7 @@ def _read_expiry(data: dict[str, Any], now: float) -> float:
     if stamp is not None:
         raise BadResponseError("access_token_token_expired is not a string")
     seconds = data.get("expires_in")
-    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0:
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 < seconds <= MAX_LIFETIME:
         _log.info("token answer has no access_token_token_expired; using expires_in")
         return now + float(seconds)
     raise BadResponseError("token answer has neither access_token_token_expired nor expires_in")

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 from common.clock import parse_iso, to_kst_iso
 
 FORMAT_VERSION = 1
+_EARLIEST, _LATEST = 946684800.0, 4102444800.0  # 2000-01-01 and 2100-01-01 UTC
 
 
 class CorruptRecordError(ValueError):
@@ -76,8 +77,10 @@ class TokenRecord(NamedTuple):
             raise CorruptRecordError("the file is empty")
         try:
             data = json.loads(text)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             raise CorruptRecordError(f"not valid JSON ({exc.msg} at char {exc.pos})") from None
+        except (ValueError, RecursionError):
+            raise CorruptRecordError("not valid JSON") from None
         if not isinstance(data, dict):
             raise CorruptRecordError(f"expected a JSON object, found {type(data).__name__}")
         if data.get("version") != FORMAT_VERSION:
@@ -103,9 +106,12 @@ def _require_str(data: dict[str, Any], name: str) -> str:
 def _require_time(data: dict[str, Any], name: str) -> float:
     value = _require_str(data, name)
     try:
-        return parse_iso(value)
+        moment = parse_iso(value)
     except ValueError:
         raise CorruptRecordError(f"field {name!r} is not an ISO time with a zone offset") from None
+    if not _EARLIEST <= moment <= _LATEST:
+        raise CorruptRecordError(f"field {name!r} is not a plausible time")
+    return moment
 
 
 def mask_token(token: str | None) -> str:

@@ -24,13 +24,17 @@ TOKEN_DIR_VAR = "KIS_TOKEN_DIR"
 DOTENV_PATH_VAR = "KIS_DOTENV_PATH"
 
 
-def default_token_dir(environ: Mapping[str, str]) -> Path:
-    """``$XDG_STATE_HOME/kis-tokens``, else ``~/.local/state/kis-tokens``: absolute, CWD-free."""
+def default_token_dir(environ: Mapping[str, str], environment: str) -> Path:
+    """``$XDG_STATE_HOME/kis-tokens/<environment>``, else ``~/.local/state/kis-tokens/<environment>``.
+
+    Absolute and independent of the working directory; one per environment, so real and paper
+    processes on one host never overwrite each other's tokens.
+    """
     state_home = environ.get("XDG_STATE_HOME", "")
     base = Path(state_home) if state_home and os.path.isabs(state_home) else None
     if base is None:
         base = Path(environ.get("HOME") or Path.home()) / ".local" / "state"
-    return base / "kis-tokens"
+    return base / "kis-tokens" / environment
 
 
 class Settings:
@@ -95,7 +99,7 @@ class Settings:
         """Where token files live (``KIS_TOKEN_DIR``, default :func:`default_token_dir`)."""
         value = self.get(TOKEN_DIR_VAR)
         if value is None:
-            return default_token_dir(self._environ)
+            return default_token_dir(self._environ, self.environment)
         path = Path(value).expanduser()
         if not path.is_absolute():
             raise ConfigError(f"{TOKEN_DIR_VAR} must be an absolute path, not {value!r}")

@@ -88,7 +88,7 @@ class RenewalState:
         """Parse the state file; raise :class:`CorruptRecordError` if it is not usable."""
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise CorruptRecordError("not valid JSON") from None
         if not isinstance(data, dict):
             raise CorruptRecordError("expected a JSON object")
@@ -100,10 +100,16 @@ class RenewalState:
 
 def _same_kind(value: object, default: object, name: str) -> bool:
     if name.endswith("_at"):
-        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        return value is None or _is_number(value)
     if name in ("last_outcome", "last_code", "last_message"):
         return value is None or isinstance(value, str)
-    return isinstance(value, type(default)) and not isinstance(value, bool)
+    if isinstance(default, dict):  # counters and times by code: numbers only
+        return isinstance(value, dict) and all(_is_number(v) for v in value.values())
+    return _is_number(value)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class TokenStore(Protocol):

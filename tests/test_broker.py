@@ -120,14 +120,6 @@ def test_construction_without_a_token_gets_one_through_the_manager(us, http, clo
     assert list(accounts_and_cwd.iterdir()) == []
 
 
-def test_construction_restores_a_missing_mojito_token_file(us, http):
-    token = seed(us, 1)
-    Path(us.store.locations()["mojito"]).unlink()
-    us.create_broker()
-    assert mojito_file(us)["access_token"] == f"Bearer {token}"
-    assert len(http.calls) == 0
-
-
 def test_us_and_kr_brokers_carry_their_own_tokens_and_files(us, kr, http, tmp_path):
     us_token, kr_token = seed(us, 1), seed(kr, 2)
     http.get(REAL_HOST + US_PRICE, json=OK)

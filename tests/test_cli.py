@@ -157,7 +157,7 @@ def test_missing_configuration_is_exit_3_with_one_line(make_manager, tmp_path, c
 
 def test_unexpected_errors_are_one_line(us, capsys, monkeypatch):
     monkeypatch.setattr(us, "get_token_info", lambda: 1 / 0)
-    assert run(us, "check") == 1
+    assert run(us, "check") == 3  # Nagios UNKNOWN
     assert capsys.readouterr().err == "python -m us.token_manager: error: internal error: " \
                                       "ZeroDivisionError: division by zero\n"
 

@@ -168,7 +168,7 @@ def test_default_token_dir_is_absolute_and_independent_of_the_working_directory(
     first = USTokenManager(Settings(environ, dotenv_path=False)).store.directory
     monkeypatch.chdir("/")
     second = USTokenManager(Settings(environ, dotenv_path=False)).store.directory
-    assert first == second == tmp_path / "home" / ".local" / "state" / "kis-tokens"
+    assert first == second == tmp_path / "home" / ".local" / "state" / "kis-tokens" / "real"
 
 
 def test_delete_removes_only_this_markets_token_files(us, kr, clock):

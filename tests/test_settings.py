@@ -60,8 +60,9 @@ def test_token_dir_must_be_absolute():
 
 
 def test_default_token_dir_follows_xdg_state_home():
-    assert str(manager(XDG_STATE_HOME="/state").store.directory) == "/state/kis-tokens"
-    assert str(manager().store.directory) == "/home/trader/.local/state/kis-tokens"
+    assert str(manager(XDG_STATE_HOME="/state").store.directory) == "/state/kis-tokens/real"
+    assert str(manager().store.directory) == "/home/trader/.local/state/kis-tokens/real"
+    assert str(manager(KIS_ENV="paper").store.directory) == "/home/trader/.local/state/kis-tokens/paper"
 
 
 def test_dotenv_is_read_and_the_environment_wins(tmp_path):
