@@ -132,9 +132,8 @@ def test_other_threads_keep_the_valid_token_while_one_renews(us, clock):
         renewer = threading.Thread(target=us.get_valid_token)
         renewer.start()
         assert entered.wait(10)
-        started = time.monotonic()
-        assert us.get_valid_token() == fake_token(1)
-        assert time.monotonic() - started < 1
+        assert us.get_valid_token() == fake_token(1)  # returned while the renewal is still blocked
+        assert renewer.is_alive()
         release.set()
         renewer.join(10)
     assert us.get_valid_token() == fake_token(2)
