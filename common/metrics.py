@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from common.clock import parse_iso
 from common.store import atomic_write
 
 #: Textfiles are read by node_exporter, which often runs as another user; they hold no secret.
@@ -61,12 +62,12 @@ class TokenCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        """Read the record and the renewal memory once and yield every metric family."""
+        """Read the token's status and the renewal memory and yield every metric family."""
         manager = self.manager
         info = manager.get_token_info()
-        record = manager.load_token()
         state = manager.load_renewal_state()
-        now = manager.now()
+        present = info["present"]
+        expires_at = parse_iso(info["expires_at"]) if present else None
         labels = [info["market"], info["environment"]]
 
         def gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:
@@ -80,32 +81,31 @@ class TokenCollector(Collector):
             family.add_metric(labels, float(value))
             return family
 
-        present = record is not None
         yield gauge("kis_token_present", "1 if a usable KIS token record is stored, else 0.", int(present))
         yield gauge(
             "kis_token_valid",
             "1 if the stored KIS token has more than the expiry margin left, else 0.",
-            int(bool(info["valid"]) and present),
+            int(info["valid"]),
         )
         yield gauge(
             "kis_token_renewal_due",
             "1 if the KIS token is valid but inside the renewal window, else 0.",
-            int(info["status"] == "renewal_due" and present),
+            int(info["status"] == "renewal_due"),
         )
         yield gauge(
             "kis_token_expiry_timestamp_seconds",
             "Expiry of the stored KIS token as stated by the broker, epoch seconds.",
-            record.expires_at if present else None,
+            expires_at,
         )
         yield gauge(
             "kis_token_issued_timestamp_seconds",
             "When the stored KIS token was obtained, epoch seconds.",
-            record.issued_at if present else None,
+            parse_iso(info["issued_at"]) if present else None,
         )
         yield gauge(
             "kis_token_seconds_left",
             "Seconds until the stored KIS token expires (negative once expired).",
-            record.seconds_left(now) if present else None,
+            None if expires_at is None else expires_at - manager.now(),
         )
         yield counter(
             "kis_token_renewals",
