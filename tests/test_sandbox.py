@@ -1,4 +1,4 @@
-"""Tests for the local KIS OAuth sandbox (common/sandbox.py).
+"""Tests for the local KIS OAuth sandbox (common/sandbox/server.py).
 
 Every server listens on 127.0.0.1 with a free port; time moves only through the clock knob.
 """
