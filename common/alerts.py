@@ -1,6 +1,6 @@
 """Alerts for failed token renewals, posted to a Slack-compatible webhook.
 
-:class:`~common.base_token_manager.BaseTokenManager` calls :func:`send_renewal_alert` when a
+:class:`~common.outcomes.AlertObserver` calls :func:`send_renewal_alert` when a
 renewal is refused by the broker (``outcome="refused"``, with the broker's code) or fails without
 a code (``outcome="failed"``: network, 5xx, garbled answer) and ``KIS_ALERT_WEBHOOK_URL`` is set.
 The request is one ``POST`` of ``{"text": "..."}``, which Slack incoming webhooks, Mattermost,
@@ -30,8 +30,8 @@ import logging
 import socket
 from urllib.parse import urlsplit
 
-from common.base_token_manager import EXPIRY_MARGIN
 from common.clock import format_duration
+from common.policy import EXPIRY_MARGIN
 from common.store import RenewalState
 
 #: Seconds during which a second alert for the same market and cause is not sent.

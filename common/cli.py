@@ -136,6 +136,7 @@ def _check(manager, args: argparse.Namespace) -> int:
         code = f" {last['code']}" if last["code"] else ""
         detail = f": {last['message']}" if last["message"] else ""
         print(f"  last renewal: {last['outcome']}{code} at {last['at']}{detail}")
+    print(f"  key:      {info['key_fingerprint']} (record {info['files']['key_record']})")
     print(f"  record:   {info['files']['record']}")
     print(f"  issued:   {info['files']['issued_at']}")
     print(f"  mojito:   {info['files']['mojito']}")

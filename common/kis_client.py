@@ -3,22 +3,29 @@
 Kept apart from the renewal policy (google-auth's ``_client.py`` shape). Importing this module
 imports ``requests`` and ``tenacity``; the policy imports it only when it must talk to the broker.
 
-Retry rule: connection refused or reset, timeouts, HTTP 5xx without a broker error code, and
-bodies that are HTML or truncated JSON are retried up to :data:`MAX_ATTEMPTS` times in all, with
-jittered exponential backoff, within :data:`RETRY_BUDGET` seconds in all. An answer that carries
-the broker's error code (``EGW00133``, ``EGW00105`` ...) is never retried.
+Retry rule: connection refused or reset, timeouts, HTTP 5xx (with no code, or a code that is not
+a known refusal), and bodies that are HTML or truncated JSON are retried up to
+``Timeouts.max_attempts`` times in all, with jittered exponential backoff, within
+``Timeouts.budget`` seconds in all. A known refusal (``EGW00133``, the credential codes) is never
+retried, whatever its HTTP status; nor is a 4xx answer with any broker code.
+
+Each attempt has a wall-clock deadline (``Timeouts.attempt``) over connect, headers and body: the
+body is read as it arrives and the attempt is cut off at its deadline, so a broker that drips its
+answer a byte at a time costs one attempt's time, not minutes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import requests
+import urllib3
 from tenacity import (
     Retrying,
     retry_if_exception,
@@ -40,21 +47,43 @@ from common.errors import (
 TOKEN_PATH = "/oauth2/tokenP"
 REVOKE_PATH = "/oauth2/revokeP"
 
-CONNECT_TIMEOUT = 3.05
-READ_TIMEOUT = 10.0
-MAX_ATTEMPTS = 4
-RETRY_BUDGET = 20.0
-BACKOFF_INITIAL = 0.5
-BACKOFF_MAX = 4.0
-BACKOFF_JITTER = 0.5
+MAX_ANSWER = 1 << 20
 
 #: Tokens live 24 h; an expiry further away than this is a garbled answer, not a token to keep.
 MAX_LIFETIME = 7 * 86400.0
 
 RATE_LIMIT_CODE = "EGW00133"
 CREDENTIAL_CODES = frozenset({"EGW00102", "EGW00103", "EGW00104", "EGW00105", "EGW02004"})
+#: Refusals that another try will not change, whatever the HTTP status.
+KNOWN_REFUSALS = CREDENTIAL_CODES | {RATE_LIMIT_CODE}
 
 _log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long the token endpoint may take (seconds), and how often it is tried.
+
+    Attributes:
+        connect: per-attempt TCP (and TLS) connect timeout.
+        attempt: wall-clock deadline of one attempt over connect, headers and body.
+        max_attempts: attempts in all.
+        budget: all attempts and the waits between them; later attempts get what is left.
+        backoff_initial: first wait between attempts (doubles each time).
+        backoff_max: longest wait between attempts.
+        backoff_jitter: up to this much is added at random to each wait.
+    """
+
+    connect: float = 3.05
+    attempt: float = 10.0
+    max_attempts: int = 4
+    budget: float = 20.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 4.0
+    backoff_jitter: float = 0.5
+
+
+DEFAULT_TIMEOUTS = Timeouts()
 
 
 @dataclass(frozen=True)
@@ -75,6 +104,7 @@ def issue_token(
     sleep: Callable[[float], None] = time.sleep,
     session: requests.Session | None = None,
     min_lifetime: float = 0.0,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> IssuedToken:
     """Ask ``POST /oauth2/tokenP`` for a token.
 
@@ -86,6 +116,7 @@ def issue_token(
         sleep: how to wait between retries (tests pass a recorder).
         session: a ``requests.Session`` to send with, else a plain request.
         min_lifetime: a token with no more than this many seconds left is refused as unusable.
+        timeouts: deadlines, attempts and backoff.
 
     Returns:
         The token and its expiry, taken from ``access_token_token_expired`` (Korea time), or from
@@ -100,7 +131,7 @@ def issue_token(
             an expiry already past, within ``min_lifetime`` or beyond :data:`MAX_LIFETIME`).
     """
     body = {"grant_type": "client_credentials", "appkey": app_key, "appsecret": app_secret}
-    data = _post_with_retries(base_url + TOKEN_PATH, body, sleep, session)
+    data = _post_with_retries(base_url + TOKEN_PATH, body, sleep, session, timeouts)
     return _read_token(data, now(), min_lifetime)
 
 
@@ -112,10 +143,11 @@ def revoke_token(
     *,
     sleep: Callable[[float], None] = time.sleep,
     session: requests.Session | None = None,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> None:
     """Revoke ``token`` with ``POST /oauth2/revokeP``; raise like :func:`issue_token` on refusal."""
     body = {"appkey": app_key, "appsecret": app_secret, "token": token}
-    data = _post_with_retries(base_url + REVOKE_PATH, body, sleep, session)
+    data = _post_with_retries(base_url + REVOKE_PATH, body, sleep, session, timeouts)
     if str(data.get("code")) != "200":
         raise BadResponseError(f"revoke answered without success: {data.get('message')!r}")
 
@@ -125,17 +157,20 @@ def _post_with_retries(
     body: dict[str, str],
     sleep: Callable[[float], None],
     session: requests.Session | None,
+    timeouts: Timeouts,
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + RETRY_BUDGET
+    deadline = time.monotonic() + timeouts.budget
     retrying = Retrying(
-        stop=stop_after_attempt(MAX_ATTEMPTS) | stop_before_delay(RETRY_BUDGET),
-        wait=wait_exponential_jitter(multiplier=BACKOFF_INITIAL, max=BACKOFF_MAX, jitter=BACKOFF_JITTER),
+        stop=stop_after_attempt(timeouts.max_attempts) | stop_before_delay(timeouts.budget),
+        wait=wait_exponential_jitter(
+            multiplier=timeouts.backoff_initial, max=timeouts.backoff_max, jitter=timeouts.backoff_jitter
+        ),
         retry=retry_if_exception(lambda exc: isinstance(exc, KISTokenError) and exc.retryable),
         sleep=sleep,
         before_sleep=_log_retry,
         reraise=True,
     )
-    return retrying(_post_once, url, body, session, deadline)
+    return retrying(_post_once, url, body, session, deadline, timeouts)
 
 
 def _log_retry(retry_state: Any) -> None:
@@ -148,15 +183,56 @@ def _log_retry(retry_state: Any) -> None:
 
 
 def _post_once(
-    url: str, body: dict[str, str], session: requests.Session | None, deadline: float
+    url: str, body: dict[str, str], session: requests.Session | None, deadline: float, timeouts: Timeouts
 ) -> dict[str, Any]:
-    read_timeout = max(1.0, min(READ_TIMEOUT, deadline - time.monotonic()))
+    """One attempt, cut off at its wall-clock deadline wherever it is (connect, headers or body).
+
+    The exchange runs in a daemon thread so that even a broker dripping its headers cannot hold the
+    caller past the deadline; the thread itself stops reading a dripping body at the deadline.
+    """
+    limit = max(0.1, min(timeouts.attempt, deadline - time.monotonic()))
+    box: dict[str, Any] = {}
+
+    def attempt() -> None:
+        try:
+            box["answer"] = _exchange(url, body, session, limit, timeouts.connect)
+        except BaseException as exc:
+            box["error"] = exc
+
+    worker = threading.Thread(target=attempt, name="kis-token-request", daemon=True)
+    worker.start()
+    worker.join(limit + 0.25)
+    if worker.is_alive():
+        raise TransientError(f"no complete answer from {url} within {limit:.1f} s")
+    if "error" in box:
+        raise box["error"]
+    return _read_answer(*box["answer"])
+
+
+def _exchange(
+    url: str, body: dict[str, str], session: requests.Session | None, limit: float, connect: float
+) -> tuple[int, str]:
+    """POST ``body`` and read the answer as it arrives, giving up ``limit`` seconds after the start."""
+    deadline = time.monotonic() + limit
     sender = session or requests
     try:
-        response = sender.post(url, json=body, timeout=(CONNECT_TIMEOUT, read_timeout))
-    except requests.RequestException as exc:
-        raise TransientError(f"broker unreachable: {type(exc).__name__}") from None
-    return _read_answer(response.status_code, response.text)
+        with sender.post(url, json=body, timeout=(min(connect, limit), limit), stream=True) as response:
+            parts: list[bytes] = []
+            size = 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise TransientError(f"the answer from {url} took more than {limit:.1f} s; cut off")
+                chunk = response.raw.read1(65536, decode_content=True)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size += len(chunk)
+                if size > MAX_ANSWER:
+                    raise TransientError(f"the answer from {url} is over {MAX_ANSWER} bytes")
+            text = b"".join(parts).decode(response.encoding or "utf-8", errors="replace")
+            return response.status_code, text
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+        raise TransientError(f"broker unreachable at {url}: {type(exc).__name__}") from None
 
 
 def _read_answer(status: int, text: str) -> dict[str, Any]:
@@ -167,6 +243,8 @@ def _read_answer(status: int, text: str) -> dict[str, Any]:
         data = None
     if isinstance(data, dict):
         refusal = _refusal(data, status)
+        if refusal is not None and status >= 500 and refusal.code not in KNOWN_REFUSALS:
+            raise TransientError(f"broker answered HTTP {status}: {refusal}")
         if refusal is not None:
             raise refusal
     if status >= 500:

@@ -16,14 +16,14 @@ class CorruptRecordError(ValueError):
 
 
 class TokenRecord(NamedTuple):
-    """An immutable snapshot of one market's token.
+    """An immutable snapshot of a token.
 
     Attributes:
         access_token: the bearer token itself.
         token_type: ``Bearer``.
         issued_at: when it was obtained, epoch seconds.
         expires_at: when the broker says it expires, epoch seconds.
-        market: ``us`` or ``kr``.
+        market: ``us`` or ``kr``: the market that asked for it (a key's record serves both).
         environment: ``real`` or ``paper``.
         key_fingerprint: a hash of the app key it was issued to (never the key or secret).
     """
@@ -40,9 +40,12 @@ class TokenRecord(NamedTuple):
         """Seconds until expiry (negative once expired)."""
         return self.expires_at - now
 
-    def mismatch(self, market: str, environment: str, key_fingerprint: str) -> str | None:
-        """Say why this record does not belong to the given configuration, or None if it does."""
-        if self.market != market:
+    def mismatch(self, market: str | None, environment: str, key_fingerprint: str) -> str | None:
+        """Say why this record does not belong to the given configuration, or None if it does.
+
+        ``market`` None skips the market (a key's record serves every market that uses the key).
+        """
+        if market is not None and self.market != market:
             return f"it belongs to market {self.market!r}"
         if self.environment != environment:
             return f"it was issued for environment {self.environment!r}, not {environment!r}"
@@ -50,21 +53,21 @@ class TokenRecord(NamedTuple):
             return "it was issued to another app key"
         return None
 
-    def to_json(self) -> str:
-        """Serialise to the on-disk JSON form."""
-        return json.dumps(
-            {
-                "version": FORMAT_VERSION,
-                "market": self.market,
-                "environment": self.environment,
-                "key_fingerprint": self.key_fingerprint,
-                "token_type": self.token_type,
-                "access_token": self.access_token,
-                "issued_at": to_kst_iso(self.issued_at),
-                "expires_at": to_kst_iso(self.expires_at),
-            },
-            indent=2,
-        )
+    def to_json(self, mirror_of: str | None = None) -> str:
+        """Serialise to the on-disk JSON form (a market's mirror names the key record it mirrors)."""
+        data: dict[str, Any] = {
+            "version": FORMAT_VERSION,
+            "market": self.market,
+            "environment": self.environment,
+            "key_fingerprint": self.key_fingerprint,
+            "token_type": self.token_type,
+            "access_token": self.access_token,
+            "issued_at": to_kst_iso(self.issued_at),
+            "expires_at": to_kst_iso(self.expires_at),
+        }
+        if mirror_of is not None:
+            data["mirror_of"] = mirror_of
+        return json.dumps(data, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> TokenRecord:

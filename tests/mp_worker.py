@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from common import base_token_manager
+from common.policy import Windows
 from common.settings import Settings
 from us.token_manager import USTokenManager
 
@@ -15,7 +15,7 @@ def lock_writer(log_path: str, rounds: int) -> None:
     """Append ``enter``/``leave`` lines under the renewal lock; they must never interleave."""
     manager = USTokenManager()
     for _ in range(rounds):
-        with manager.store.lock(30):
+        with manager.store.lock.hold(30):
             with open(log_path, "a") as log:
                 log.write(f"enter {os.getpid()}\n")
                 log.flush()
@@ -35,8 +35,7 @@ def watch(seconds: float) -> None:
 
 def renew_forever(environ: dict[str, str], ready) -> None:
     """Force renewals back to back (no one-a-minute pause) until killed."""
-    base_token_manager.MIN_REQUEST_INTERVAL = 0.0
-    manager = USTokenManager(Settings(environ, dotenv_path=False))
+    manager = USTokenManager(Settings(environ, dotenv_path=False), windows=Windows(min_request_interval=0.0))
     ready.set()
     while True:
         manager.refresh_token()

@@ -83,7 +83,7 @@ def sent(mock: responses.RequestsMock, path: str) -> list:
 
 
 def mojito_file(manager) -> dict:
-    return json.loads(Path(manager.store.locations()["mojito"]).read_text())
+    return json.loads(Path(manager.get_token_info()["files"]["mojito"]).read_text())
 
 
 # -- construction --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import responses
 
-from common import base_token_manager as policy
+from common import policy
 from common.cli import main
 from common.record import TokenRecord
 from kr.token_manager import KRTokenManager
@@ -43,7 +43,7 @@ def test_check_shows_status_with_masked_token_and_paths(us, clock, capsys):
     out, err = capsys.readouterr()
     assert out.startswith("US token (real): valid\n")
     assert "eyJ0...dXJl" in out and fake_token(1) not in out
-    assert str(us.store.record_path) in out and "us_krs_token.dat" in out
+    assert str(us.store.record.path) in out and "us_krs_token.dat" in out
     assert "in 24h 00m" in out
     assert err == ""
 
@@ -117,13 +117,13 @@ def test_refresh_answered_with_the_same_token_is_success(us, clock, capsys):
 @responses.activate
 def test_refused_refresh_exits_non_zero_and_keeps_the_token(us, clock, capsys):
     seed(us, clock, left=20 * 3600)
-    before = us.store.record_path.read_bytes()
+    before = us.store.record.path.read_bytes()
     responses.post(TOKEN_URL, status=403, json=refusal("EGW00133"))
     assert run(us, "refresh") == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert "EGW00133" in err and "the current token is kept (valid for 20h 00m more)" in err
-    assert us.store.record_path.read_bytes() == before
+    assert us.store.record.path.read_bytes() == before
 
 
 def test_kr_refresh_renews_the_kr_token(kr, us, clock, capsys):
@@ -142,7 +142,7 @@ def test_delete_removes_the_files(us, clock, capsys):
     seed(us, clock)
     assert run(us, "delete") == 0
     assert capsys.readouterr().out.startswith("US token files removed: ")
-    assert not us.store.record_path.exists()
+    assert not us.store.record.path.exists()
     assert run(us, "delete") == 0
     assert capsys.readouterr().out == "no US token files to remove\n"
 
@@ -204,7 +204,7 @@ def test_python_m_check_and_delete_for_both_markets(cli_env, make_manager, clock
     assert (result.returncode, result.stdout) == (0, fake_token(1) + "\n")
     result = cli("us.token_manager", "delete", env=cli_env)
     assert result.returncode == 0 and "us_api_token.json" in result.stdout
-    assert not us.store.record_path.exists() and not kr.store.record_path.exists()
+    assert not us.store.record.path.exists() and not kr.store.record.path.exists()
 
 
 def test_python_m_unreachable_broker_is_one_line_no_traceback(cli_env):
@@ -238,7 +238,7 @@ def test_python_m_corrupt_file_is_a_warning_then_missing(cli_env, tmp_path):
 def test_python_m_logs_go_to_stderr_and_verbose_shows_retries(cli_env):
     verbose = cli("kr.token_manager", "-v", "get", env=cli_env)
     assert verbose.stdout == ""
-    assert "WARNING token endpoint attempt 1 failed (broker unreachable: ConnectionError)" in verbose.stderr
+    assert "WARNING token endpoint attempt 1 failed (broker unreachable at http://127.0.0.1:" in verbose.stderr
     again = cli("kr.token_manager", "get", env=cli_env)
     assert "not asking the broker: a kr token was requested" in again.stderr
 

@@ -31,7 +31,7 @@ def _answer_by_key(clock):
 
 
 def test_us_and_kr_token_file_paths_use_different_prefixes(us, kr):
-    us_files, kr_files = us.store.locations(), kr.store.locations()
+    us_files, kr_files = us.get_token_info()["files"], kr.get_token_info()["files"]
     assert set(us_files.values()).isdisjoint(kr_files.values())
     assert us_files["record"].endswith("/us_api_token.json")
     assert us_files["issued_at"].endswith("/us_token_issued_at.dat")
@@ -41,23 +41,26 @@ def test_us_and_kr_token_file_paths_use_different_prefixes(us, kr):
 
 
 @responses.activate
-def test_us_token_generation_writes_only_us_files(us, clock, tmp_path):
+def test_us_token_generation_writes_the_keys_files_and_only_us_story_files(us, clock, tmp_path):
     callback, tokens = _answer_by_key(clock)
     responses.add_callback(responses.POST, TOKEN_URL, callback=callback)
     assert us.get_valid_token() == tokens[US_KEY]
     names = sorted(p.name for p in (tmp_path / "tokens").iterdir())
-    assert names == [
-        "us_api_token.json", "us_api_token.lock", "us_krs_token.dat",
-        "us_renewal_state.json", "us_token_issued_at.dat",
-    ]
+    key = us.credential.key_id
+    assert names == sorted([
+        f"key-{key}.json", f"key-{key}.lock", f"key-{key}.state",
+        "us_api_token.json", "us_krs_token.dat", "us_token_issued_at.dat",
+    ])
+    assert US_KEY not in " ".join(names) and US_KEY[4:20] not in " ".join(names)
 
 
 @responses.activate
-def test_kr_token_generation_writes_only_kr_files(kr, clock, tmp_path):
+def test_kr_token_generation_writes_only_kr_story_files(kr, clock, tmp_path):
     callback, tokens = _answer_by_key(clock)
     responses.add_callback(responses.POST, TOKEN_URL, callback=callback)
     assert kr.get_valid_token() == tokens[KR_KEY]
-    assert all(p.name.startswith("kr_") for p in (tmp_path / "tokens").iterdir())
+    key = kr.credential.key_id
+    assert all(p.name.startswith(("kr_", f"key-{key}.")) for p in (tmp_path / "tokens").iterdir())
     assert json.loads(responses.calls[0].request.body)["appkey"] == KR_KEY
 
 
@@ -67,15 +70,15 @@ def test_tokens_are_independent_renewing_one_market_leaves_the_other(us, kr, clo
     responses.add_callback(responses.POST, TOKEN_URL, callback=callback)
     assert us.get_valid_token() == tokens[US_KEY]
     assert kr.get_valid_token() == tokens[KR_KEY]
-    kr_before = kr.store.record_path.read_text()
+    kr_before = kr.store.record.path.read_text()
     clock.advance(120)
     tokens[US_KEY] = fake_token(3)
     us.refresh_token()
     assert us.get_valid_token() == fake_token(3)
-    assert kr.store.record_path.read_text() == kr_before
+    assert kr.store.record.path.read_text() == kr_before
     us.delete_token()
     assert kr.get_valid_token() == tokens[KR_KEY]
-    assert not us.store.record_path.exists() and kr.store.record_path.exists()
+    assert not us.store.record.path.exists() and kr.store.record.path.exists()
 
 
 @responses.activate
@@ -110,10 +113,10 @@ def test_mojito_token_files_are_separated(us, kr, clock):
     responses.add_callback(responses.POST, TOKEN_URL, callback=callback)
     us.get_valid_token()
     kr.get_valid_token()
-    us_mojito = json.loads(us.store.mojito_path.read_text())
-    kr_mojito = json.loads(kr.store.mojito_path.read_text())
-    assert us.store.mojito_path.name == us_config.MOJITO_TOKEN_FILE == "us_krs_token.dat"
-    assert kr.store.mojito_path.name == kr_config.MOJITO_TOKEN_FILE == "kr_krs_token.dat"
+    us_mojito = json.loads(us.mirror.mojito_path.read_text())
+    kr_mojito = json.loads(kr.mirror.mojito_path.read_text())
+    assert us.mirror.mojito_path.name == us_config.MOJITO_TOKEN_FILE == "us_krs_token.dat"
+    assert kr.mirror.mojito_path.name == kr_config.MOJITO_TOKEN_FILE == "kr_krs_token.dat"
     assert us_mojito["access_token"] == f"Bearer {tokens[US_KEY]}"
     assert kr_mojito["access_token"] == f"Bearer {tokens[KR_KEY]}"
     assert us_mojito["market"] == "us" and kr_mojito["market"] == "kr"
@@ -123,7 +126,7 @@ def test_mojito_token_files_are_separated(us, kr, clock):
 def test_token_file_contents(us, clock):
     responses.post(TOKEN_URL, json=token_answer(fake_token(), clock() + DAY))
     us.get_valid_token()
-    record = json.loads(us.store.record_path.read_text())
+    record = json.loads(us.store.record.path.read_text())
     assert record == {
         "version": 1,
         "market": "us",
@@ -135,8 +138,8 @@ def test_token_file_contents(us, clock):
         "expires_at": record["expires_at"],
     }
     assert record["issued_at"].endswith("+09:00") and record["expires_at"].endswith("+09:00")
-    assert us.store.issued_at_path.read_text().strip() == record["issued_at"]
-    everything = "".join(p.read_text() for p in us.store.directory.iterdir())
+    assert us.mirror.issued_at_path.read_text().strip() == record["issued_at"]
+    everything = "".join(p.read_text() for p in us.settings.token_dir.iterdir())
     assert US_KEY not in everything and "secret" not in everything
 
 

@@ -10,9 +10,9 @@ import time
 import pytest
 import responses
 
-from common import base_token_manager as policy
+from common import policy
 from common import kis_client
-from common.errors import TokenUnavailableError
+from common.errors import TransientError, TokenUnavailableError
 from common.record import TokenRecord
 from tests.conftest import DAY, PAPER_HOST, TOKEN_URL, SleepRecorder, fake_token, refusal, token_answer
 
@@ -49,11 +49,11 @@ def test_a_token_inside_the_expiry_margin_is_never_handed_out(us, clock):
 )
 def test_unbelievable_expiries_are_refused_and_the_good_token_kept(us, clock, answer):
     seed(us, clock, left=policy.MANDATORY_WINDOW - 60)
-    before = us.store.record_path.read_bytes()
+    before = us.store.record.path.read_bytes()
     with responses.RequestsMock() as mock:
         mock.post(TOKEN_URL, body=json.dumps(answer), content_type="application/json")
         assert us.get_valid_token() == fake_token(1)
-    assert us.store.record_path.read_bytes() == before
+    assert us.store.record.path.read_bytes() == before
     assert us.load_renewal_state().last_outcome == "failed"
 
 
@@ -66,7 +66,7 @@ def test_unbelievable_expiries_are_refused_and_the_good_token_kept(us, clock, an
 def test_garbage_renewal_state_never_breaks_serving(make_manager, env, clock, state):
     manager = make_manager(environ={**env, "KIS_ALERT_WEBHOOK_URL": "http://127.0.0.1:9/hook"})
     seed(manager, clock, left=30 * 60)
-    manager.store.state_path.write_text(state if isinstance(state, str) else json.dumps(state))
+    manager.store.state.path.write_text(state if isinstance(state, str) else json.dumps(state))
     with responses.RequestsMock() as mock:
         mock.add_passthru("http://127.0.0.1:9")
         mock.post(TOKEN_URL, status=403, json=refusal("EGW00133"))
@@ -75,8 +75,8 @@ def test_garbage_renewal_state_never_breaks_serving(make_manager, env, clock, st
 
 
 def test_a_deeply_nested_token_file_is_treated_as_absent(us, clock):
-    us.store.directory.mkdir(mode=0o700, parents=True)
-    us.store.record_path.write_text("[" * 100_000)
+    us.settings.token_dir.mkdir(mode=0o700, parents=True)
+    us.store.record.path.write_text("[" * 100_000)
     assert us.load_token() is None
     with responses.RequestsMock() as mock:
         mock.post(TOKEN_URL, json=token_answer(fake_token(2), clock() + DAY))
@@ -111,7 +111,7 @@ def test_no_usable_token_after_a_refusal_costs_nothing_per_call(us, clock, monke
                 us.get_valid_token()
         assert len(mock.calls) == 1
     locks = []
-    monkeypatch.setattr(us.store, "lock", lambda timeout: locks.append(timeout))
+    monkeypatch.setattr(us.store.lock, "hold", lambda timeout: locks.append(timeout))
     with pytest.raises(TokenUnavailableError):
         us.get_valid_token()
     assert locks == []
@@ -146,15 +146,18 @@ def test_real_and_paper_sharing_a_directory_keep_their_own_valid_tokens(make_man
         mock.post(TOKEN_URL, json=token_answer(fake_token(1), clock() + DAY))
         mock.post(PAPER_HOST + "/oauth2/tokenP", json=token_answer(fake_token(2), clock() + DAY))
         assert real.get_valid_token() == fake_token(1)
-        clock.advance(120)
-        assert paper.get_valid_token() == fake_token(2)  # overwrites the shared file
+        assert paper.get_valid_token() == fake_token(2)  # at once: paper never waits on real's minute
         with caplog.at_level(logging.WARNING):
             for _ in range(5):
                 clock.advance(policy.SYNC_INTERVAL + 1)
                 assert real.get_valid_token() == fake_token(1)
                 assert paper.get_valid_token() == fake_token(2)
+                # a new process of either environment takes its own token from the directory
+                assert make_manager().get_valid_token() == fake_token(1)
+                assert make_manager(environ={**env, "KIS_ENV": "paper"}).get_valid_token() == fake_token(2)
         assert len(mock.calls) == 2  # no thrash: no further issuance
-    assert "need different KIS_TOKEN_DIRs" in caplog.text
+    assert real.store.record.path != paper.store.record.path
+    assert "ignoring" not in caplog.text
 
 
 def test_warm_up_answered_with_the_same_token_does_not_claim_a_renewal(us, clock):
@@ -177,11 +180,12 @@ def test_retries_stop_within_the_time_budget_even_when_each_attempt_is_slow(monk
 
     with responses.RequestsMock() as mock:
         mock.add_callback(responses.POST, TOKEN_URL, callback=slow_failure)
-        with pytest.raises(Exception, match="HTTP 503"):
+        with pytest.raises(TransientError):
             kis_client.issue_token("https://openapi.koreainvestment.com:9443", "k", "s",
                                    now=time.time, sleep=SleepRecorder())
-    assert len(timeouts) < kis_client.MAX_ATTEMPTS  # the budget, not the count, stopped it
-    assert timeouts[-1] < kis_client.READ_TIMEOUT  # later attempts get what is left of the budget
+    defaults = kis_client.Timeouts()
+    assert len(timeouts) < defaults.max_attempts  # the budget, not the count, stopped it
+    assert timeouts[-1] < defaults.attempt  # later attempts get what is left of the budget
 
 
 def test_webhook_path_never_reaches_the_logs_at_debug(make_manager, env, clock, caplog):

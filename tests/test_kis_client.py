@@ -85,7 +85,7 @@ def test_transient_faults_are_retried_with_backoff_then_succeed():
     assert issue(sleeps).access_token == "ok"
     assert len(responses.calls) == 4
     assert len(sleeps.calls) == 3
-    assert all(0 < s <= kis_client.BACKOFF_MAX + kis_client.BACKOFF_JITTER for s in sleeps.calls)
+    assert all(0 < s <= kis_client.Timeouts().backoff_max + kis_client.Timeouts().backoff_jitter for s in sleeps.calls)
 
 
 @responses.activate
@@ -94,8 +94,8 @@ def test_retries_are_bounded_in_count_and_time():
     sleeps = SleepRecorder()
     with pytest.raises(TransientError, match="HTTP 502"):
         issue(sleeps)
-    assert len(responses.calls) == kis_client.MAX_ATTEMPTS
-    assert sum(sleeps.calls) < kis_client.RETRY_BUDGET
+    assert len(responses.calls) == kis_client.Timeouts().max_attempts
+    assert sum(sleeps.calls) < kis_client.Timeouts().budget
 
 
 @responses.activate

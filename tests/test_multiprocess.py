@@ -74,8 +74,8 @@ def test_lock_log_written_by_many_processes_never_interleaves(proc_env, tmp_path
         assert enter.startswith("enter ") and leave == "leave " + enter.split()[1]
 
 
-def test_long_running_process_sees_another_processs_forced_refresh(proc_env, env, make_manager):
-    manager = make_manager(USTokenManager, clock=time.time)
+def test_long_running_process_sees_another_processs_forced_refresh(proc_env, make_manager):
+    manager = make_manager(USTokenManager, environ=proc_env, clock=time.time)
     now = time.time()
     manager.save_token(TokenRecord(fake_token(1), "Bearer", now, now + 20 * 3600, "us", "real",
                                    manager.key_fingerprint()))
@@ -114,8 +114,8 @@ def test_processes_killed_at_random_instants_never_leave_a_broken_record(env, sa
         os.kill(worker.pid, signal.SIGKILL)
         worker.join(10)
         kills += 1
-        checker.store.load()  # raises CorruptRecordError if the record were broken
-        with checker.store.lock(2):  # the dead holder's lock is free at once
+        checker.store.record.load()  # raises CorruptRecordError if the record were broken
+        with checker.store.lock.hold(2):  # the dead holder's lock is free at once
             pass
     record = checker.load_token()
     assert kills == 40 and record is not None and record.access_token.startswith("sbx-")
@@ -128,10 +128,10 @@ def _renew_forever(environ, ready):
     renew_forever(environ, ready)
 
 
-def test_kr_and_us_processes_do_not_block_each_other(proc_env, sandbox_process, env):
-    us = USTokenManager(Settings(env, dotenv_path=False))
+def test_kr_and_us_processes_with_two_keys_do_not_block_each_other(proc_env, sandbox_process, env):
+    us = USTokenManager(Settings(proc_env, dotenv_path=False))
     kr_process = spawn(["kr.token_manager", "get"], proc_env)
-    with us.store.lock(5):  # the US lock is held: KR must still get its token
+    with us.store.lock.hold(5):  # the US lock is held: KR must still get its token
         ((code, out, err),) = finish([kr_process], timeout=30)
     assert code == 0, err
-    assert KRTokenManager(Settings(env, dotenv_path=False)).load_token().access_token == out.strip()
+    assert KRTokenManager(Settings(proc_env, dotenv_path=False)).load_token().access_token == out.strip()

@@ -25,7 +25,8 @@ import responses
 from prometheus_client.parser import text_string_to_metric_families
 
 from common import alerts, metrics
-from common.base_token_manager import ALERT_WEBHOOK_VAR, EXPIRY_MARGIN, MAX_HORIZON
+from common.base_token_manager import ALERT_WEBHOOK_VAR
+from common.policy import EXPIRY_MARGIN, MAX_HORIZON
 from common.cli import main
 from common.errors import RateLimitedError, StoreError, TokenUnavailableError
 from common.record import TokenRecord, mask_token
@@ -78,7 +79,7 @@ def hold(manager: Any, clock: Any, token: str, left: float) -> TokenRecord:
         environment=manager.environment,
         key_fingerprint=manager.key_fingerprint(),
     )
-    manager.store.save(record)
+    manager.store.record.save(record)
     return record
 
 
@@ -312,7 +313,7 @@ def test_warmup_bad_duration_is_a_usage_error(us, broker, capsys, duration):
 def test_revoke_cli_kills_the_token_at_the_broker_and_removes_local_files(sb_us, sandbox, capsys):
     token = sb_us.get_valid_token()
     assert protected_call(sandbox, token).json()["rt_cd"] == "0"
-    files = sb_us.store.locations()
+    files = sb_us.get_token_info()["files"]
     assert cli(sb_us, "revoke") == 0
     out = one_line(capsys.readouterr().out)
     assert "revoked" in out and token not in out
@@ -328,8 +329,8 @@ def test_revoke_cli_kills_the_token_at_the_broker_and_removes_local_files(sb_us,
 def test_revoke_method_returns_the_removed_files_and_a_new_token_can_follow(sb_us, sandbox, clock):
     old = sb_us.get_valid_token()
     removed = sb_us.revoke()
-    files = sb_us.store.locations()
-    assert sorted(removed) == sorted([files["record"], files["issued_at"], files["mojito"]])
+    files = sb_us.get_token_info()["files"]
+    assert sorted(removed) == sorted([files["key_record"], files["record"], files["issued_at"], files["mojito"]])
     assert protected_call(sandbox, old).json()["msg_cd"] == "EGW00121"
     clock.advance(MINUTE + 1)
     new = sb_us.get_valid_token()
@@ -339,7 +340,7 @@ def test_revoke_method_returns_the_removed_files_and_a_new_token_can_follow(sb_u
 
 def test_revoke_refused_by_the_broker_keeps_local_files(sb_us, sandbox, capsys):
     token = sb_us.get_valid_token()
-    files = sb_us.store.locations()
+    files = sb_us.get_token_info()["files"]
     before = {role: Path(files[role]).read_text() for role in ("record", "issued_at", "mojito")}
     sandbox.reset()  # the broker forgets the token: revoking it is refused with EGW00121
     assert cli(sb_us, "revoke") == 1
@@ -377,12 +378,13 @@ def assert_check_schema(info: dict[str, Any]) -> None:
     """The ``check --json`` object: every key, with its type."""
     optional_str = (str, type(None))
     assert set(info) == {
-        "schema", "market", "environment", "status", "present", "valid", "issued_at",
+        "schema", "market", "environment", "key_fingerprint", "status", "present", "valid", "issued_at",
         "expires_at", "seconds_left", "token", "renewal_window_seconds", "last_renewal", "files",
     }
     assert info["schema"] == 1
     assert info["market"] in ("us", "kr")
     assert info["environment"] in ("real", "paper")
+    assert info["key_fingerprint"].startswith("sha256:") and len(info["key_fingerprint"]) == 23
     assert info["status"] in ("ok", "renewal_due", "expired", "missing")
     assert type(info["present"]) is bool and type(info["valid"]) is bool
     assert isinstance(info["issued_at"], optional_str) and isinstance(info["expires_at"], optional_str)
@@ -394,7 +396,8 @@ def assert_check_schema(info: dict[str, Any]) -> None:
         assert set(last) == {"outcome", "at", "code", "message"}
         assert isinstance(last["outcome"], str) and isinstance(last["at"], str)
         assert isinstance(last["code"], optional_str) and isinstance(last["message"], optional_str)
-    assert isinstance(info["files"], dict) and {"record", "issued_at", "mojito"} <= set(info["files"])
+    assert isinstance(info["files"], dict)
+    assert {"record", "issued_at", "mojito", "key_record", "state", "lock"} <= set(info["files"])
     assert all(isinstance(path, str) for path in info["files"].values())
     present = info["present"]
     for key in ("issued_at", "expires_at", "seconds_left", "token"):

@@ -6,7 +6,7 @@ import pytest
 import requests
 import responses
 
-from common import base_token_manager as policy
+from common import policy
 from common.errors import TokenUnavailableError
 from common.record import TokenRecord
 from tests.conftest import DAY, TOKEN_URL, fake_token, refusal, token_answer
@@ -32,7 +32,7 @@ def test_renewal_matrix(us, clock, age, broker):
     seeded = TokenRecord(fake_token(1), "Bearer", clock() - DAY, clock() + AGES[age], "us", "real",
                          us.key_fingerprint())
     us.save_token(seeded)
-    before = us.store.record_path.read_bytes()
+    before = us.store.record.path.read_bytes()
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
         for answer in BROKERS[broker]:
             if answer.get("json") == "NEW":
@@ -55,4 +55,4 @@ def test_renewal_matrix(us, clock, age, broker):
                 assert us.get_valid_token() == expected
         assert len(mock.calls) == requests_sent
     if expected != fake_token(2):
-        assert us.store.record_path.read_bytes() == before  # the good token on disk is untouched
+        assert us.store.record.path.read_bytes() == before  # the good token on disk is untouched

@@ -54,15 +54,15 @@ def test_blank_values_count_as_missing_and_blanks_inside_are_refused():
 
 
 def test_token_dir_must_be_absolute():
-    assert str(manager(KIS_TOKEN_DIR="/var/lib/kis").store.directory) == "/var/lib/kis"
+    assert str(manager(KIS_TOKEN_DIR="/var/lib/kis").settings.token_dir) == "/var/lib/kis"
     with pytest.raises(ConfigError, match="^KIS_TOKEN_DIR must be an absolute path"):
-        manager(KIS_TOKEN_DIR="tokens").store  # noqa: B018
+        manager(KIS_TOKEN_DIR="tokens").settings.token_dir  # noqa: B018
 
 
 def test_default_token_dir_follows_xdg_state_home():
-    assert str(manager(XDG_STATE_HOME="/state").store.directory) == "/state/kis-tokens/real"
-    assert str(manager().store.directory) == "/home/trader/.local/state/kis-tokens/real"
-    assert str(manager(KIS_ENV="paper").store.directory) == "/home/trader/.local/state/kis-tokens/paper"
+    assert str(manager(XDG_STATE_HOME="/state").settings.token_dir) == "/state/kis-tokens/real"
+    assert str(manager().settings.token_dir) == "/home/trader/.local/state/kis-tokens/real"
+    assert str(manager(KIS_ENV="paper").settings.token_dir) == "/home/trader/.local/state/kis-tokens/paper"
 
 
 def test_dotenv_is_read_and_the_environment_wins(tmp_path):

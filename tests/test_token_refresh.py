@@ -10,7 +10,7 @@ import time
 import pytest
 import responses
 
-from common import base_token_manager as policy
+from common import policy
 from common.errors import RateLimitedError, TokenUnavailableError
 from common.record import TokenRecord
 from tests.conftest import DAY, TOKEN_URL, fake_token, refusal, token_answer
@@ -53,7 +53,7 @@ def test_expired_token_triggers_automatic_renewal(us, clock):
     responses.post(TOKEN_URL, json=token_answer(fake_token(2), clock() + DAY))
     assert us.get_valid_token() == fake_token(2) != old
     assert len(responses.calls) == 1
-    assert json.loads(us.store.record_path.read_text())["access_token"] == fake_token(2)
+    assert json.loads(us.store.record.path.read_text())["access_token"] == fake_token(2)
 
 
 @responses.activate
@@ -72,10 +72,12 @@ def test_expires_in_is_only_a_fallback(us, clock):
 
 
 @responses.activate
-def test_new_token_is_saved_to_the_market_file(us, clock):
+def test_new_token_is_saved_to_the_keys_record_and_mirrored_in_the_market_file(us, clock):
     responses.post(TOKEN_URL, json=token_answer(fake_token(7), clock() + DAY))
     us.get_valid_token()
-    assert us.store.record_path.name == "us_api_token.json"
+    assert us.mirror.record_path.name == "us_api_token.json"
+    assert TokenRecord.from_json(us.mirror.record_path.read_text()).access_token == fake_token(7)
+    assert TokenRecord.from_json(us.store.record.path.read_text()).access_token == fake_token(7)
     assert us.load_token().access_token == fake_token(7)
 
 
@@ -94,10 +96,10 @@ def test_renewal_starts_in_the_advisory_window_and_never_serves_a_dying_token(us
 def test_fresh_token_is_served_from_memory_without_reading_the_file(us, clock, monkeypatch):
     issue(us, clock)
     reads = []
-    monkeypatch.setattr(us.store, "load", lambda: reads.append(1))
+    monkeypatch.setattr(us.store.record, "load", lambda: reads.append(1))
     stats = []
-    real_signature = us.store.signature
-    monkeypatch.setattr(us.store, "signature", lambda: stats.append(1) or real_signature())
+    real_signature = us.store.record.signature
+    monkeypatch.setattr(us.store.record, "signature", lambda: stats.append(1) or real_signature())
     for _ in range(10_000):
         assert us.get_valid_token() == fake_token(1)
     assert reads == [] and stats == []
@@ -126,13 +128,13 @@ def test_renewal_does_not_disrupt_callers_while_another_process_renews(make_mana
     held, release = threading.Event(), threading.Event()
 
     def renewer():
-        with other.store.lock(5):
+        with other.store.lock.hold(5):
             held.set()
             release.wait(5)
 
     waits = []
-    real_lock = manager.store.lock
-    manager.store.lock = lambda timeout: waits.append(timeout) or real_lock(timeout)
+    real_hold = manager.store.lock.hold
+    manager.store.lock.hold = lambda timeout: waits.append(timeout) or real_hold(timeout)
     thread = threading.Thread(target=renewer)
     thread.start()
     held.wait(5)
@@ -156,7 +158,7 @@ def test_late_arrival_takes_the_winners_token_without_asking(make_manager, clock
     new = TokenRecord(fake_token(2), "Bearer", clock(), clock() + DAY, "us", "real", fingerprint)
 
     def renew_under_lock():
-        with winner.store.lock(5):
+        with winner.store.lock.hold(5):
             held.set()
             time.sleep(0.2)  # hold the lock while the other caller waits for it
             winner.save_token(new)
@@ -177,15 +179,15 @@ def test_late_arrival_takes_the_winners_token_without_asking(make_manager, clock
 def test_rate_limited_renewal_keeps_valid_token(us, clock, caplog):
     issue(us, clock)
     record = us.load_token()
-    before = us.store.record_path.read_bytes()
+    before = us.store.record.path.read_bytes()
     move_to(clock, record, policy.ADVISORY_WINDOW - 60)
     responses.post(TOKEN_URL, status=403, json=refusal("EGW00133"))
     with caplog.at_level(logging.WARNING):
         for _ in range(1000):
             assert us.get_valid_token() == fake_token(1)
     assert len(responses.calls) == 1
-    assert "EGW00133" in caplog.text and "keeping the current token" in caplog.text
-    assert us.store.record_path.read_bytes() == before
+    assert "EGW00133" in caplog.text and "keeping the current us token" in caplog.text
+    assert us.store.record.path.read_bytes() == before
     state = us.load_renewal_state()
     assert (state.last_outcome, state.last_code, state.refusals) == ("refused", "EGW00133", {"EGW00133": 1})
 
@@ -253,12 +255,12 @@ def test_same_token_answer_within_six_hours_is_a_success(us, clock):
 @responses.activate
 def test_broker_answer_with_an_expired_token_leaves_the_good_token(us, clock):
     issue(us, clock)
-    before = us.store.record_path.read_bytes()
+    before = us.store.record.path.read_bytes()
     clock.advance(2 * HOUR)
     responses.post(TOKEN_URL, json=token_answer(fake_token(9), clock() - 10))
     with pytest.raises(Exception, match="already expired"):
         us.refresh_token()
-    assert us.store.record_path.read_bytes() == before
+    assert us.store.record.path.read_bytes() == before
     assert us.get_valid_token() == fake_token(1)
 
 
@@ -278,9 +280,9 @@ def test_broker_answer_with_an_expired_token_leaves_the_good_token(us, clock):
 def test_garbage_broker_answers_leave_the_good_token_on_disk(us, clock, sleeps, body):
     issue(us, clock)
     record = us.load_token()
-    before = us.store.record_path.read_bytes()
+    before = us.store.record.path.read_bytes()
     move_to(clock, record, policy.MANDATORY_WINDOW - 60)
     responses.post(TOKEN_URL, body=body, content_type="application/json")
     assert us.get_valid_token() == fake_token(1)
-    assert us.store.record_path.read_bytes() == before
+    assert us.store.record.path.read_bytes() == before
     assert us.load_renewal_state().last_outcome == "failed"

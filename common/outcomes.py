@@ -1,0 +1,52 @@
+"""Observers of renewal outcomes: the shared bookkeeping (counters, last outcome) and the alert hook.
+
+The engine calls each observer with the :class:`~common.engine.Outcome` and the key's shared
+:class:`~common.store.RenewalState`, then saves the state; ``check`` and ``metrics`` read it back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def bookkeeping(outcome: Any, state: Any) -> None:
+    """Record ``outcome`` in ``state``: the last outcome, and counters by kind and broker code."""
+    if outcome.kind == "held_back":
+        state.refusals["LOCAL"] = state.refusals.get("LOCAL", 0) + 1
+        return
+    state.last_outcome, state.last_outcome_at = outcome.kind, outcome.at
+    state.last_code, state.last_message = outcome.code, outcome.message
+    if outcome.kind in ("renewed", "same_token"):
+        state.last_success_at = outcome.at
+        state.renewals += 1
+    elif outcome.code is not None:
+        state.refusals[outcome.code] = state.refusals.get(outcome.code, 0) + 1
+    else:
+        state.failures += 1
+
+
+class AlertObserver:
+    """Posts refused and failed renewals to a Slack-compatible webhook (see ``common.alerts``)."""
+
+    def __init__(self, url: str, market: str, environment: str) -> None:
+        self.url = url
+        self.market = market
+        self.environment = environment
+
+    def __call__(self, outcome: Any, state: Any) -> None:
+        """Alert on ``refused`` and ``failed``; the stamps that hold repeats back go into ``state``."""
+        if outcome.kind not in ("refused", "failed"):
+            return
+        from common import alerts
+
+        alerts.send_renewal_alert(
+            self.url,
+            state,
+            market=self.market,
+            environment=self.environment,
+            outcome=outcome.kind,
+            code=outcome.code,
+            message=outcome.message,
+            seconds_left=outcome.seconds_left,
+            now=outcome.at,
+        )
