@@ -238,7 +238,9 @@ def test_python_m_corrupt_file_is_a_warning_then_missing(cli_env, tmp_path):
 def test_python_m_logs_go_to_stderr_and_verbose_shows_retries(cli_env):
     verbose = cli("kr.token_manager", "-v", "get", env=cli_env)
     assert verbose.stdout == ""
-    assert "WARNING token endpoint attempt 1 failed (broker unreachable at http://127.0.0.1:" in verbose.stderr
+    assert "WARNING token endpoint attempt 1 failed (broker unreachable at http://127.0.0.1:" in (
+        verbose.stderr
+    )
     again = cli("kr.token_manager", "get", env=cli_env)
     assert "not asking the broker: a kr token was requested" in again.stderr
 

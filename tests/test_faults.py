@@ -10,9 +10,8 @@ import time
 import pytest
 import responses
 
-from common import policy
-from common import kis_client
-from common.errors import TransientError, TokenUnavailableError
+from common import kis_client, policy
+from common.errors import TokenUnavailableError, TransientError
 from common.record import TokenRecord
 from tests.conftest import DAY, PAPER_HOST, TOKEN_URL, SleepRecorder, fake_token, refusal, token_answer
 

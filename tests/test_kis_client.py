@@ -85,7 +85,8 @@ def test_transient_faults_are_retried_with_backoff_then_succeed():
     assert issue(sleeps).access_token == "ok"
     assert len(responses.calls) == 4
     assert len(sleeps.calls) == 3
-    assert all(0 < s <= kis_client.Timeouts().backoff_max + kis_client.Timeouts().backoff_jitter for s in sleeps.calls)
+    defaults = kis_client.Timeouts()
+    assert all(0 < s <= defaults.backoff_max + defaults.backoff_jitter for s in sleeps.calls)
 
 
 @responses.activate

@@ -26,9 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common import alerts, metrics
 from common.base_token_manager import ALERT_WEBHOOK_VAR
-from common.policy import EXPIRY_MARGIN, MAX_HORIZON
 from common.cli import main
 from common.errors import RateLimitedError, StoreError, TokenUnavailableError
+from common.policy import EXPIRY_MARGIN, MAX_HORIZON
 from common.record import TokenRecord, mask_token
 from common.sandbox import Sandbox
 from common.store import RenewalState
@@ -330,7 +330,8 @@ def test_revoke_method_returns_the_removed_files_and_a_new_token_can_follow(sb_u
     old = sb_us.get_valid_token()
     removed = sb_us.revoke()
     files = sb_us.get_token_info()["files"]
-    assert sorted(removed) == sorted([files["key_record"], files["record"], files["issued_at"], files["mojito"]])
+    roles = ("key_record", "record", "issued_at", "mojito")
+    assert sorted(removed) == sorted(files[role] for role in roles)
     assert protected_call(sandbox, old).json()["msg_cd"] == "EGW00121"
     clock.advance(MINUTE + 1)
     new = sb_us.get_valid_token()
