@@ -51,7 +51,7 @@ from urllib.parse import parse_qsl, urlsplit
 #: The broker writes expiries in Korea time without a zone designator.
 KST = timezone(timedelta(hours=9), "KST")
 TOKEN_PATH = "/oauth2/tokenP"
-FAULT_MODES = ("5xx", "html", "truncated", "drop", "slow")
+FAULT_MODES = ("5xx", "5xx_code", "5xx_ratelimit", "html", "truncated", "drop", "slow", "drip")
 MAX_BODY = 1 << 20
 
 Reply = tuple[int, dict[str, Any]]
@@ -254,8 +254,11 @@ class Sandbox:
     def inject_fault(self, mode: str, count: int = 1, delay: float = 2.0, path: str = TOKEN_PATH) -> None:
         """Serve ``mode`` instead of the normal answer to the next ``count`` requests to ``path``.
 
-        Modes: ``5xx`` (503, HTML body), ``html`` (200, HTML page), ``truncated`` (200, cut
-        JSON), ``drop`` (close without answering), ``slow`` (answer normally after ``delay``).
+        Modes: ``5xx`` (503, HTML body), ``5xx_code`` (500 with an unknown broker code,
+        ``EGW00001``), ``5xx_ratelimit`` (500 with ``EGW00133``), ``html`` (200, HTML page),
+        ``truncated`` (200, cut JSON), ``drop`` (close without answering), ``slow`` (answer
+        normally after ``delay``), ``drip`` (the normal answer's headers at once, then its body one
+        byte every ``delay`` seconds).
 
         Raises:
             ValueError: unknown mode, count below 1, negative delay or a bad path.
@@ -554,32 +557,49 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         path = urlsplit(self.path).path
         fault = None if path.startswith("/sandbox/") else sandbox._take_fault(path)
-        if fault is not None and fault.mode != "slow":
+        if fault is not None and fault.mode not in ("slow", "drip"):
             self._serve_fault(fault.mode)
             return
-        if fault is not None:
+        if fault is not None and fault.mode == "slow":
             sandbox._stopping.wait(fault.delay)
         status, payload = sandbox._route(method, self.path, self.headers, raw)
         body = json.dumps(payload, ensure_ascii=False).encode()
-        self._send(status, "application/json;charset=UTF-8", body)
+        drip = fault.delay if fault is not None and fault.mode == "drip" else None
+        self._send(status, "application/json;charset=UTF-8", body, drip)
 
     def _serve_fault(self, mode: str) -> None:
         if mode == "drop":
             self.close_connection = True
         elif mode == "5xx":
             self._send(503, "text/html", _UNAVAILABLE_PAGE.encode())
+        elif mode in ("5xx_code", "5xx_ratelimit"):
+            unknown = ("EGW00001", "일시적인 오류입니다")
+            code, text = unknown if mode == "5xx_code" else ("EGW00133", _RATE_LIMITED)
+            status, payload = _oauth_error(500, code, text)
+            body = json.dumps(payload, ensure_ascii=False).encode()
+            self._send(status, "application/json;charset=UTF-8", body)
         elif mode == "html":
             self._send(200, "text/html;charset=UTF-8", _HTML_PAGE.encode())
         else:
             self._send(200, "application/json;charset=UTF-8", b'{"access_token": "abc')
 
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
+    def _send(self, status: int, content_type: str, body: bytes, drip: float | None = None) -> None:
+        """Send the answer; with ``drip``, the body one byte every ``drip`` seconds after the headers."""
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if drip is None:
+                self.wfile.write(body)
+                return
+            self.wfile.flush()
+            for i in range(len(body)):
+                if self.server.sandbox._stopping.wait(drip):
+                    break
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+            self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 

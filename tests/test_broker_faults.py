@@ -1,0 +1,67 @@
+"""Broker faults against a real local server (issue 10 §3, SPEC §6).
+
+A 5xx with an unknown code is retried, a known refusal never, a dripping answer is cut off.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from common.errors import TokenUnavailableError
+from common.kis_client import Timeouts
+from common.sandbox import Sandbox
+from tests.conftest import US_KEY, SleepRecorder
+from us.token_manager import USTokenManager
+
+#: Short deadlines so that a dripping answer costs a fraction of a second here.
+QUICK = Timeouts(connect=1.0, attempt=0.5, max_attempts=4, budget=3.0)
+
+
+@pytest.fixture
+def sandbox():
+    with Sandbox(rate_limit=0) as server:
+        yield server
+
+
+@pytest.fixture
+def manager(make_manager, env, sandbox):
+    return make_manager(USTokenManager, {**env, "KIS_BASE_URL": sandbox.base_url}, timeouts=QUICK,
+                        clock=time.time, sleep=SleepRecorder())
+
+
+def test_500_with_an_unknown_code_is_retried_then_succeeds(manager, sandbox):
+    sandbox.inject_fault("5xx_code", count=2)
+    assert manager.get_valid_token().startswith("sbx-")
+    counters = sandbox.counters()
+    assert counters["faults_served"] == 2 and counters["token_requests"] == {US_KEY: 1}
+
+
+def test_rate_limit_refusal_with_http_500_is_never_retried(manager, sandbox):
+    sandbox.inject_fault("5xx_ratelimit", count=4)
+    with pytest.raises(TokenUnavailableError, match="EGW00133"):
+        manager.get_valid_token()
+    assert sandbox.counters()["faults_served"] == 1  # one attempt only
+    assert manager.load_renewal_state().refusals == {"EGW00133": 1}
+
+
+def test_a_dripping_answer_is_cut_off_and_retried_within_the_budget(manager, sandbox):
+    sandbox.inject_fault("drip", count=1, delay=0.2)  # ~200 bytes at 5 a second: 40 s if waited for
+    started = time.monotonic()
+    token = manager.get_valid_token()
+    elapsed = time.monotonic() - started
+    assert token.startswith("sbx-")
+    assert sandbox.counters()["faults_served"] == 1
+    assert elapsed < 10  # one cut-off attempt, not the whole drip
+
+
+def test_get_fails_within_the_budget_when_every_answer_drips(manager, sandbox):
+    sandbox.inject_fault("drip", count=10, delay=0.2)
+    started = time.monotonic()
+    with pytest.raises(TokenUnavailableError, match="cut off|no complete answer"):
+        manager.get_valid_token()
+    elapsed = time.monotonic() - started
+    assert elapsed < QUICK.budget + 5  # the budget holds; waited attempts would take minutes
+    assert 2 <= sandbox.counters()["faults_served"] <= QUICK.max_attempts
+
