@@ -50,3 +50,11 @@ class AlertObserver:
             seconds_left=outcome.seconds_left,
             now=outcome.at,
         )
+
+
+def observers(webhook: str | None, market: str, environment: str) -> list[Any]:
+    """The observers of one market's renewals: the bookkeeping, and alerts if a webhook is set."""
+    chosen: list[Any] = [bookkeeping]
+    if webhook is not None:
+        chosen.append(AlertObserver(webhook, market, environment))
+    return chosen

@@ -19,7 +19,6 @@ All windows are far shorter than the 18 h after which the broker mints a new tok
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 EXPIRY_MARGIN = 5 * 60.0
@@ -44,8 +43,7 @@ class Expiring(Protocol):
         """Seconds until expiry (negative once expired)."""
 
 
-@dataclass(frozen=True)
-class Windows:
+class Windows(NamedTuple):
     """Renewal windows and waits, in seconds (the defaults are the documented ones).
 
     Attributes:
@@ -132,6 +130,21 @@ def decide(
     if left > windows.mandatory:
         return Decision(Action.RENEW_NO_WAIT, 0.0, usable)
     return Decision(Action.RENEW_AND_WAIT, windows.mandatory_lock_wait, usable)
+
+
+def check_horizon(valid_for: float) -> None:
+    """Refuse a warm-up horizon that no renewal could meet.
+
+    Raises:
+        ValueError: ``valid_for`` is over :data:`MAX_HORIZON`.
+    """
+    if valid_for > MAX_HORIZON:
+        hours, minutes = divmod(int(MAX_HORIZON) // 60, 60)
+        raise ValueError(
+            f"a horizon over {hours}h {minutes:02d}m can never be met: tokens live 24 h and the broker "
+            "re-sends the same token within 6 h of issuing it, so a renewal gives at most 18 h, less "
+            "the 5-min expiry margin"
+        )
 
 
 def status(record: Expiring | None, now: float, windows: Windows) -> str:

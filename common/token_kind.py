@@ -1,0 +1,80 @@
+"""The access token as a credential kind: how one is asked for and revoked, and how it is mirrored.
+
+The engine (``common.engine``) runs any kind; this one talks to ``/oauth2/tokenP`` and
+``/oauth2/revokeP`` through ``common.kis_client`` and keeps a market's story files
+(``<prefix>api_token.json``, ``<prefix>token_issued_at.dat``, ``<prefix>krs_token.dat``) in step
+with the key's record.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from common.clock import to_kst_iso
+from common.file_store import MarketMirror
+from common.identity import Credential
+from common.record import TokenRecord, mask_token
+
+_log = logging.getLogger(__name__)
+
+
+class TokenKind:
+    """One market's view of its key's access token.
+
+    Args:
+        manager: the market's token manager (hooks, clock, sleep, session, timeouts).
+        credential: the key the token belongs to.
+    """
+
+    def __init__(self, manager: Any, credential: Credential) -> None:
+        self.manager = manager
+        self.credential = credential
+        self.mirror = MarketMirror(manager.settings.token_dir, manager.get_token_file_prefix())
+
+    def accept(self, record: TokenRecord) -> str | None:
+        """Why a stored record is not this key's token (None: it is)."""
+        return record.mismatch(None, self.credential.environment, self.credential.key_fingerprint)
+
+    def issue(self, current: TokenRecord | None) -> TokenRecord:
+        """One ``/oauth2/tokenP`` (with its retries) for this market's key.
+
+        A token the broker re-sends (within 6 h of an issuance) keeps the record it had.
+        """
+        from common import kis_client
+
+        manager = self.manager
+        app_key, app_secret = manager.get_app_credentials()
+        issued = kis_client.issue_token(
+            manager.get_api_url(), app_key, app_secret, now=manager.now, sleep=manager.sleep,
+            session=manager.session, min_lifetime=manager.windows.expiry_margin,
+            timeouts=manager.timeouts or kis_client.DEFAULT_TIMEOUTS,
+        )
+        if current is not None and issued.access_token == current.access_token:
+            _log.info("the broker re-sent the same %s token", manager.market)
+            return current._replace(expires_at=issued.expires_at)
+        _log.info("obtained a new %s token %s, expires %s", manager.market,
+                  mask_token(issued.access_token), to_kst_iso(issued.expires_at))
+        return TokenRecord(issued.access_token, issued.token_type, manager.now(), issued.expires_at,
+                           manager.market, self.credential.environment, self.credential.key_fingerprint)
+
+    def revoke(self, record: TokenRecord) -> None:
+        """Revoke ``record``'s token with ``/oauth2/revokeP``."""
+        from common import kis_client
+
+        manager = self.manager
+        app_key, app_secret = manager.get_app_credentials()
+        kis_client.revoke_token(manager.get_api_url(), app_key, app_secret, record.access_token,
+                                sleep=manager.sleep, session=manager.session,
+                                timeouts=manager.timeouts or kis_client.DEFAULT_TIMEOUTS)
+        _log.info("revoked the %s token %s at the broker", manager.market, mask_token(record.access_token))
+
+    def update_mirror(self, record: TokenRecord) -> None:
+        """Bring this market's story files up to date with the key's ``record``."""
+        mine = record._replace(market=self.manager.market)
+        if not self.mirror.holds(mine):
+            self.mirror.write(mine, self.credential.key_id)
+
+    def legacy(self) -> TokenRecord | None:
+        """The market's own record written by version 0.1, to adopt as the key's record."""
+        return self.mirror.load_legacy()
