@@ -133,7 +133,7 @@ class BaseTokenManager(abc.ABC):
                 clock=self.now,
                 observers=outcomes.observers(self.settings.get(ALERT_WEBHOOK_VAR), self.market,
                                              self.environment),
-                on_change=kind.update_mirror,
+                mirror=kind,
                 legacy=kind.legacy,
             )
             self._built = (engine, kind)

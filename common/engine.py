@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Generic, NamedTuple, TypeVar
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from common.errors import (
     BrokerError,
@@ -31,6 +31,7 @@ from common.record import CorruptRecordError
 from common.store import KeyStore, RenewalState
 
 R = TypeVar("R", bound=Expiring)
+R_contra = TypeVar("R_contra", contravariant=True)
 _NEVER = float("-inf")
 _log = logging.getLogger(__name__)
 
@@ -58,6 +59,16 @@ class Outcome(NamedTuple):
 Observer = Callable[[Outcome, RenewalState], None]
 
 
+class Mirror(Protocol[R_contra]):
+    """Copies of the key's record kept elsewhere (a market's story files)."""
+
+    def holds(self, record: R_contra) -> bool:
+        """True if the copies already show ``record`` (cheap: no lock, no write)."""
+
+    def write(self, record: R_contra) -> None:
+        """Bring the copies up to date with ``record`` (called under the key's lock)."""
+
+
 class RenewalEngine(Generic[R]):
     """Keeps one key's credential valid in this process.
 
@@ -70,7 +81,7 @@ class RenewalEngine(Generic[R]):
         windows: the renewal windows.
         clock: epoch seconds.
         observers: called with each :class:`Outcome`.
-        on_change: called with each record this process takes up (to mirror it); must not raise.
+        mirror: copies of the record to keep up to date with each record this process takes up.
         legacy: returns a record left by an older version, to adopt when the store has none.
     """
 
@@ -84,7 +95,7 @@ class RenewalEngine(Generic[R]):
         windows: Windows,
         clock: Callable[[], float],
         observers: Sequence[Observer] = (),
-        on_change: Callable[[R], None] | None = None,
+        mirror: Mirror[R] | None = None,
         legacy: Callable[[], R | None] | None = None,
     ) -> None:
         self.name = name
@@ -95,7 +106,7 @@ class RenewalEngine(Generic[R]):
         self._accept = accept
         self._clock = clock
         self._observers = tuple(observers)
-        self._on_change = on_change
+        self._mirror = mirror
         self._legacy = legacy
         self._mutex = threading.RLock()
         # (record, serve-from-memory-until, set-at): swapped whole, read lock-free. Serving needs
@@ -209,8 +220,8 @@ class RenewalEngine(Generic[R]):
             except KISTokenError as exc:
                 self._observe(state, Outcome("failed", self._clock(), None, str(exc), left))
                 raise
+            record = self.put(record, locked=True)
             same = current is not None and record == current
-            self.put(record, locked=True)
             self.backoff = NO_BACKOFF
             kind = "same_token" if same else "renewed"
             self._observe(state, Outcome(kind, self._clock(), seconds_left=left))
@@ -246,12 +257,18 @@ class RenewalEngine(Generic[R]):
 
     # -- store and memory ---------------------------------------------------------------------------
 
-    def put(self, record: R, locked: bool = False) -> None:
-        """Store ``record`` and serve it from memory from now on."""
+    def put(self, record: R, locked: bool = False) -> R:
+        """Store ``record`` and serve it from memory from now on; return it as stored (a store may
+        keep times to the second, and what is served must equal what other processes read)."""
         self.store.record.save(record)
         self._signature = self.store.record.signature()
+        try:
+            record = self.store.record.load() or record
+        except CorruptRecordError:
+            pass
         self._set(record, self._clock())
         self._publish(record, locked)
+        return record
 
     def forget(self) -> list[str]:
         """Remove the stored record and the one in memory; return what was removed."""
@@ -327,17 +344,22 @@ class RenewalEngine(Generic[R]):
         return record
 
     def _publish(self, record: R, locked: bool) -> None:
-        """Hand ``record`` to ``on_change`` (the mirrors), under the key's lock so none goes stale."""
-        if self._on_change is None:
+        """Bring the mirrors up to date with ``record``, under the key's lock so none goes stale.
+
+        Without the lock already held, only a mirror that is behind costs a lock try (``check``
+        stays free of the lock's import); a busy lock leaves it for the next sync.
+        """
+        if self._mirror is None:
             return
         try:
-            if locked:
-                self._on_change(record)
-            else:
-                with self.store.lock.hold(0):
-                    if self.store.record.load() != record:
-                        return  # already replaced: the next sync publishes the newer one
-                    self._on_change(record)
+            if not self._mirror.holds(record):
+                if locked:
+                    self._mirror.write(record)
+                else:
+                    with self.store.lock.hold(0):
+                        if self.store.record.load() != record:
+                            return  # already replaced: the next sync publishes the newer one
+                        self._mirror.write(record)
         except LockTimeoutError:
             return  # the holder may be renewing; try again at the next sync
         except (KISTokenError, CorruptRecordError) as exc:

@@ -69,11 +69,13 @@ class TokenKind:
                                 timeouts=manager.timeouts or kis_client.DEFAULT_TIMEOUTS)
         _log.info("revoked the %s token %s at the broker", manager.market, mask_token(record.access_token))
 
-    def update_mirror(self, record: TokenRecord) -> None:
-        """Bring this market's story files up to date with the key's ``record``."""
-        mine = record._replace(market=self.manager.market)
-        if not self.mirror.holds(mine):
-            self.mirror.write(mine, self.credential.key_id)
+    def holds(self, record: TokenRecord) -> bool:
+        """True if this market's story files already show the key's ``record``."""
+        return self.mirror.holds(record._replace(market=self.manager.market))
+
+    def write(self, record: TokenRecord) -> None:
+        """Write this market's story files for the key's ``record``."""
+        self.mirror.write(record._replace(market=self.manager.market), self.credential.key_id)
 
     def legacy(self) -> TokenRecord | None:
         """The market's own record written by version 0.1, to adopt as the key's record."""
