@@ -12,6 +12,7 @@ attempt the engine backs off in memory, so a refusal costs nothing per call.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -262,10 +263,8 @@ class RenewalEngine(Generic[R]):
         keep times to the second, and what is served must equal what other processes read)."""
         self.store.record.save(record)
         self._signature = self.store.record.signature()
-        try:
+        with contextlib.suppress(CorruptRecordError):
             record = self.store.record.load() or record
-        except CorruptRecordError:
-            pass
         self._set(record, self._clock())
         self._publish(record, locked)
         return record

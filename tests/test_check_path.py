@@ -40,7 +40,8 @@ def test_check_imports_nothing_heavy(tmp_path, market, with_token):
     if with_token:
         us = USTokenManager(Settings(environ, dotenv_path=False))
         now = us.now()
-        us.save_token(TokenRecord(fake_token(1), "Bearer", now, now + DAY, "us", "real", us.key_fingerprint()))
+        record = TokenRecord(fake_token(1), "Bearer", now, now + DAY, "us", "real", us.key_fingerprint())
+        us.save_token(record)
     if with_token and market == "kr":
         # The KR story files are behind the key's record (the US market renewed it): the first KR
         # process brings them up to date, under the key's lock; that costs the lock's import once.
