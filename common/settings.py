@@ -124,3 +124,68 @@ def _check_url(name: str, value: str) -> str:
     if not sep or scheme not in ("http", "https") or not host or any(c.isspace() for c in value):
         raise ConfigError(f"{name} must be an http(s) URL such as https://host:port, not {value!r}")
     return value.rstrip("/")
+
+
+# -- the shared token store (several hosts, SPEC §10) -------------------------------------------------
+
+TOKEN_STORE_VAR = "KIS_TOKEN_STORE"
+STORE_SCHEMES = ("redis", "rediss", "unix")
+
+
+def token_store_url(settings: Settings) -> str | None:
+    """The Redis/Valkey URL of ``KIS_TOKEN_STORE``, or None for the file store (unset or ``file``).
+
+    Checked here without importing redis: a ``redis://`` or ``rediss://`` URL needs a host, and a
+    port and database number, if given, must be numbers; a ``unix://`` URL needs a socket path.
+
+    Raises:
+        ConfigError: any other value (the message names the variable, never the password).
+    """
+    value = settings.get(TOKEN_STORE_VAR)
+    if value is None or value.lower() == "file":
+        return None
+    problem = _store_url_problem(value)
+    if problem is not None:
+        raise ConfigError(
+            f"{TOKEN_STORE_VAR} must be 'file' or a redis://, rediss:// or unix:// URL ({problem}), "
+            f"not {mask_url(value)!r}"
+        )
+    return value
+
+
+def _store_url_problem(value: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    if any(c.isspace() or not c.isprintable() for c in value):
+        return "it contains blanks or control characters"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        return "it cannot be parsed"
+    if parts.scheme not in STORE_SCHEMES or "://" not in value:
+        return "unknown scheme"
+    path = parts.path.strip("/")
+    if parts.scheme == "unix":
+        return None if path else "a unix:// URL needs the socket's path"
+    if not parts.hostname:
+        return "the URL has no host"
+    if path and not path.isdigit():
+        return "the database (the path after the host) must be a number"
+    return None
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (in the user part or a ``password=`` parameter) shown as ``***``."""
+    import re
+
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, _, host = netloc.rpartition("@")
+    if userinfo:
+        user, colon, _ = userinfo.partition(":")
+        # a lone user part may be a password (redis://secret@host): hide it too
+        userinfo = f"{user}:***" if colon else "***"
+        netloc = f"{userinfo}@{host}"
+    masked = f"{scheme}{sep}{netloc}{slash}{tail}"
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", masked)
