@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from common import clock as clock_module
-from common import file_store, outcomes
+from common import file_store, outcomes, store_select
 from common.engine import RenewalEngine
 from common.errors import TokenUnavailableError
 from common.identity import Credential
@@ -34,7 +34,7 @@ class BaseTokenManager(abc.ABC):
 
     Args:
         settings: configuration source (default: the environment, then ``.env``).
-        store: the key's store (default: files in ``KIS_TOKEN_DIR``, see ``common.file_store``).
+        store: the key's store (default: the one ``KIS_TOKEN_STORE`` selects, see ``common.store_select``).
         clock: returns the time as epoch seconds (tests inject one).
         sleep: waits between retries of the token request (tests inject one).
         session: a ``requests.Session`` for the broker, if the caller has one.
@@ -126,7 +126,7 @@ class BaseTokenManager(abc.ABC):
             kind = TokenKind(self, credential)
             engine = RenewalEngine(
                 name=f"{self.market} token",
-                store=self._key_store or file_store.key_store(self.settings.token_dir, credential.key_id),
+                store=self._key_store or store_select.key_store(self.settings, credential.key_id),
                 issue=kind.issue,
                 accept=kind.accept,
                 windows=self._windows._replace(advisory=self._windows.advisory + jitter),

@@ -137,6 +137,9 @@ def _check(manager, args: argparse.Namespace) -> int:
         detail = f": {last['message']}" if last["message"] else ""
         print(f"  last renewal: {last['outcome']}{code} at {last['at']}{detail}")
     print(f"  key:      {info['key_fingerprint']} (record {info['files']['key_record']})")
+    store = info["store"]
+    reach = "answers" if store["reachable"] else f"unreachable: {store['error']}"
+    print(f"  store:    {store['url']} ({reach})" if store["url"] else "  store:    this host's files")
     print(f"  record:   {info['files']['record']}")
     print(f"  issued:   {info['files']['issued_at']}")
     print(f"  mojito:   {info['files']['mojito']}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import policy
+from common import policy, store_select
 from common.clock import to_kst_iso
 from common.record import mask_token
 
@@ -48,6 +48,7 @@ def token_info(manager: Any) -> dict[str, Any]:
         "token": None if record is None else mask_token(record.access_token),
         "renewal_window_seconds": int(windows.advisory),
         "last_renewal": last,
+        "store": store_select.describe(store),
         "files": {
             "record": str(mirror.record_path),
             "issued_at": str(mirror.issued_at_path),

@@ -15,7 +15,8 @@ from tests.conftest import DAY, US_KEY, US_SECRET, fake_token
 from us.token_manager import USTokenManager
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("requests", "urllib3", "filelock", "tenacity", "prometheus_client", "mojito", "pandas", "dotenv")
+HEAVY = ("requests", "urllib3", "filelock", "tenacity", "prometheus_client", "mojito", "pandas", "dotenv",
+         "redis")
 
 
 def imported_by_check(environ: dict[str, str], market: str) -> tuple[int, set[str]]:

@@ -380,7 +380,7 @@ def assert_check_schema(info: dict[str, Any]) -> None:
     optional_str = (str, type(None))
     assert set(info) == {
         "schema", "market", "environment", "key_fingerprint", "status", "present", "valid", "issued_at",
-        "expires_at", "seconds_left", "token", "renewal_window_seconds", "last_renewal", "files",
+        "expires_at", "seconds_left", "token", "renewal_window_seconds", "last_renewal", "files", "store",
     }
     assert info["schema"] == 1
     assert info["market"] in ("us", "kr")
@@ -400,6 +400,8 @@ def assert_check_schema(info: dict[str, Any]) -> None:
     assert isinstance(info["files"], dict)
     assert {"record", "issued_at", "mojito", "key_record", "state", "lock"} <= set(info["files"])
     assert all(isinstance(path, str) for path in info["files"].values())
+    assert set(info["store"]) == {"kind", "url", "reachable", "error", "prefix"}
+    assert info["store"]["kind"] in ("file", "redis") and type(info["store"]["reachable"]) is bool
     present = info["present"]
     for key in ("issued_at", "expires_at", "seconds_left", "token"):
         assert (info[key] is not None) == present, key

@@ -1,0 +1,442 @@
+"""The Redis/Valkey backend of the store (several hosts on one app key, SPEC §10).
+
+``KIS_TOKEN_STORE=redis://[user:password@]host[:port][/db]`` (or ``rediss://`` for TLS, or
+``unix:///path/to/socket``) names the server. Per key (``<id>`` is :attr:`Credential.key_id`, e.g.
+``real-5fda05f056d87ade``) it holds three keys under the prefix ``kis-token:v1:<id>:``:
+
+``kis-token:v1:<id>:record``  the key's token record, the JSON of ``key-<id>.json`` (``deleted``
+                              for two days after a ``delete`` or ``revoke``, so no host puts it back)
+``kis-token:v1:<id>:lock``    the renewal lock: a random owner value with a lease (``SET NX PX``)
+``kis-token:v1:<id>:state``   the key's renewal memory, the JSON of ``key-<id>.state``
+
+None of them holds an app key, a secret, or anything they could be recovered from (the record has
+a 16-hex-digit SHA-256 fingerprint of the key, as the files do). A new key name can only come with
+a new ``v<N>``.
+
+:func:`shared_key_store` is what a manager uses: the three pieces on the server, each falling back
+to the same piece on the host's files (``common.file_store``) whenever the server does not answer
+within :data:`SOCKET_TIMEOUT`. The files stay a full copy (the host's tools, ``check`` and mojito
+read them), so with the server down the host serves its token and renews it under its own file
+lock; and a server restarted empty gets the record back from the first host that holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import LockNotOwnedError, RedisError
+from redis.lock import Lock
+from redis.retry import Retry
+
+from common import file_store
+from common.errors import LockTimeoutError
+from common.policy import LOCK_WAIT, Expiring
+from common.record import CorruptRecordError, TokenRecord
+from common.settings import mask_url
+from common.store import KeyStore, RenewalState
+
+PREFIX = "kis-token:v1:"
+#: Each call to the server gives up after this long (connect, and each answer).
+SOCKET_TIMEOUT = 0.5
+#: After a call failed, the server is not asked again for this long (the host runs on its files).
+RETRY_INTERVAL = 5.0
+#: The lock's lease outlives anything its holder may do under it: the longest wait for the lock
+#: (``Windows.lock_wait``), the token request's whole retry budget with its last attempt
+#: (``kis_client.Timeouts``: ``budget`` 20 s + ``attempt`` 10 s), and a margin for the writes.
+LEASE = LOCK_WAIT + 20.0 + 10.0 + 30.0
+TOMBSTONE = b"deleted"
+TOMBSTONE_TTL = 2 * 86400  # tokens live 24 h: by then no host holds the deleted one any more
+
+R = TypeVar("R", bound=Expiring)
+_log = logging.getLogger(__name__)
+
+
+def key_names(key_id: str) -> dict[str, str]:
+    """The server's key names for one app key: ``record``, ``lock`` and ``state``."""
+    return {piece: f"{PREFIX}{key_id}:{piece}" for piece in ("record", "lock", "state")}
+
+
+# -- the three pieces on the server --------------------------------------------------------------------
+
+
+class RedisRecordStore(Generic[R]):
+    """One key's record in one string key on the server."""
+
+    def __init__(self, client: redis.Redis, name: str, parse: Callable[[str], R],
+                 dump: Callable[[R], str], location: str) -> None:
+        self.name = name
+        self.location = location
+        self._client = client
+        self._parse = parse
+        self._dump = dump
+
+    def signature(self) -> object:
+        """The stored bytes themselves (one ``GET``; a record is a few hundred bytes)."""
+        return self._client.get(self.name)
+
+    def load(self) -> R | None:
+        """The stored record (None if there is none, or it was deleted)."""
+        return self._decode(self._client.get(self.name))
+
+    def save(self, record: R) -> None:
+        """Replace the stored record."""
+        self._client.set(self.name, self._dump(record))
+
+    def delete(self) -> list[str]:
+        """Mark the record deleted, so that no host puts its copy back; return it if it was there."""
+        previous = self._client.set(self.name, TOMBSTONE, ex=TOMBSTONE_TTL, get=True)
+        return [] if previous in (None, TOMBSTONE) else [self.location]
+
+    def put_back(self, record: R) -> R | None:
+        """Store ``record`` unless the server holds one that expires no earlier, or a deletion.
+
+        Returns:
+            The record the server holds afterwards (None: the record was deleted).
+        """
+
+        def attempt(pipe: Any) -> R | None:
+            raw = pipe.get(self.name)
+            if raw == TOMBSTONE:
+                return None
+            with contextlib.suppress(CorruptRecordError, UnicodeDecodeError):
+                current = self._decode(raw)
+                if current is not None and current.expires_at >= record.expires_at:
+                    return current
+            pipe.multi()
+            pipe.set(self.name, self._dump(record))
+            return record
+
+        return self._client.transaction(attempt, self.name, value_from_callable=True)
+
+    def _decode(self, raw: bytes | None) -> R | None:
+        if raw is None or raw == TOMBSTONE:
+            return None
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            raise CorruptRecordError(f"{self.name} is not UTF-8") from None
+        return self._parse(text)
+
+
+class RedisRenewalLock:
+    """A lease on the server (redis-py's ``Lock``: ``SET NX PX`` with a random owner value, released
+    or extended only by its owner). A holder that dies holds it until the lease runs out.
+
+    Re-entrant within a thread; each acquisition has a ``Lock`` object of its own, so threads (and
+    asyncio tasks run in threads) never release each other's lease.
+    """
+
+    def __init__(self, client: redis.Redis, name: str, lease: float, location: str) -> None:
+        self.name = name
+        self.lease = lease
+        self.location = location
+        self._client = client
+        self._held = threading.local()
+
+    @contextlib.contextmanager
+    def hold(self, timeout: float) -> Iterator[None]:
+        """Hold the lease, waiting at most ``timeout`` seconds (0: one try).
+
+        Raises:
+            LockTimeoutError: another owner held it all that time.
+            RedisError: the server did not answer.
+        """
+        if getattr(self._held, "depth", 0):
+            self._held.depth += 1
+            try:
+                yield
+            finally:
+                self._held.depth -= 1
+            return
+        lock = Lock(self._client, self.name, timeout=self.lease, sleep=0.02, blocking=timeout > 0,
+                    blocking_timeout=max(timeout, 0.0), thread_local=False)
+        if not lock.acquire(token=secrets.token_hex(16)):
+            raise LockTimeoutError(f"another host or process held {self.name} for more than {timeout:g} s")
+        self._held.depth = 1
+        try:
+            yield
+        finally:
+            self._held.depth = 0
+            try:
+                lock.release()
+            except LockNotOwnedError:
+                _log.warning("the lease on %s ran out before its holder was done", self.name)
+            except RedisError as exc:
+                _log.warning("cannot release %s (%s); its lease runs out in %g s",
+                             self.name, type(exc).__name__, self.lease)
+
+
+class RedisStateStore:
+    """The key's :class:`RenewalState` in one string key on the server."""
+
+    def __init__(self, client: redis.Redis, name: str, location: str) -> None:
+        self.name = name
+        self.location = location
+        self._client = client
+
+    def stored(self) -> RenewalState | None:
+        """The stored state, or None if the server has none."""
+        raw = self._client.get(self.name)
+        if raw is None:
+            return None
+        try:
+            return RenewalState.from_json(raw.decode())
+        except UnicodeDecodeError:
+            raise CorruptRecordError(f"{self.name} is not UTF-8") from None
+
+    def load(self) -> RenewalState:
+        """The stored state; a missing one is fresh."""
+        return self.stored() or RenewalState()
+
+    def save(self, state: RenewalState) -> None:
+        """Replace the stored state."""
+        self._client.set(self.name, json.dumps(state.to_dict()))
+
+
+# -- the server, and whether it answers -----------------------------------------------------------------
+
+
+class Unreachable(Exception):
+    """The server did not answer (or is resting after a failure): use the host's files."""
+
+
+class StoreLink:
+    """One client of one server, shared by every key and piece in the process, and its health.
+
+    A failed call marks the server down for ``retry_interval`` seconds, during which nothing is sent
+    to it (so a server that swallows packets costs one timeout, not one per call); the first failure
+    of an outage is logged once as a warning naming the server (never its password).
+    """
+
+    def __init__(self, url: str, retry_interval: float = RETRY_INTERVAL) -> None:
+        self.url = mask_url(url)
+        self.retry_interval = retry_interval
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT,
+            # One immediate retry on a dropped connection (a restarted server), none on a timeout.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        )
+        self._secret = self.client.get_connection_kwargs().get("password") or None
+        self._retry_at = float("-inf")
+        self.error: str | None = None  # why the last call failed, while down
+
+    @property
+    def down(self) -> bool:
+        """True while the server is resting after a failed call."""
+        return time.monotonic() < self._retry_at
+
+    def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` against the server.
+
+        Raises:
+            Unreachable: the server is resting after a failure, or this call failed.
+        """
+        if self.down:
+            raise Unreachable(self.error)
+        try:
+            result = function(*args)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            raise Unreachable(self.error) from None
+        if self.error is not None:
+            _log.warning("token store %s answers again", self.url)
+            self.error = None
+        return result
+
+    def ping(self) -> bool:
+        """True if the server answers now (a failure starts an outage, as any call's does)."""
+        try:
+            return bool(self.call(self.client.ping))
+        except Unreachable:
+            return False
+
+    def _failed(self, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        if self._secret:
+            reason = reason.replace(str(self._secret), "***")
+        first = self.error is None
+        self.error = reason
+        self._retry_at = time.monotonic() + self.retry_interval
+        if first:
+            _log.warning("token store %s unreachable (%s); this host serves and renews its tokens "
+                         "from its own files until it answers", self.url, reason)
+
+
+_links: dict[tuple[str, float], StoreLink] = {}
+_links_lock = threading.Lock()
+
+
+def link(url: str, retry_interval: float = RETRY_INTERVAL) -> StoreLink:
+    """The process's :class:`StoreLink` to ``url`` (one per URL, shared by both markets)."""
+    with _links_lock:
+        found = _links.get((url, retry_interval))
+        if found is None:
+            found = _links[(url, retry_interval)] = StoreLink(url, retry_interval)
+        return found
+
+
+# -- shared pieces with the host's files as fallback and copy --------------------------------------------
+
+
+class SharedRecordStore(Generic[R]):
+    """The key's record on the server, copied to (and, when the server is down, served from) the
+    host's file. A server that lost the record (restarted empty) gets the host's copy back when
+    that one expires later than anything the server holds."""
+
+    def __init__(self, link: StoreLink, shared: RedisRecordStore[R],
+                 local: file_store.FileRecordStore[R]) -> None:
+        self.link, self.shared, self.local = link, shared, local
+        self.location = local.location
+
+    def signature(self) -> object:
+        """The server's bytes (one ``GET``), or the file's signature while the server is down."""
+        try:
+            return self.link.call(self.shared.signature)
+        except Unreachable:
+            return ("file", self.local.signature())
+
+    def load(self) -> R | None:
+        """The server's record (putting the host's copy back if the server lost it), else the file's.
+
+        Raises:
+            CorruptRecordError: the record cannot be used (and the host has no copy to put back).
+            StoreError: the host's file cannot be read.
+        """
+        copy = None
+        with contextlib.suppress(CorruptRecordError):
+            copy = self.local.load()
+        try:
+            try:
+                record = self.link.call(self.shared.load)
+            except CorruptRecordError:
+                if copy is None:
+                    raise
+                record = None
+            if copy is not None and (record is None or copy.expires_at > record.expires_at):
+                record = self.link.call(self.shared.put_back, copy)
+                if record is None:  # deleted on another host: drop this host's copy too
+                    self.local.delete()
+                elif record == copy:
+                    _log.info("put this host's copy of the token back into the token store %s",
+                              self.link.url)
+        except Unreachable:
+            return self.local.load()
+        if record is not None and record != copy:
+            self.local.save(record)
+        return record
+
+    def save(self, record: R) -> None:
+        """Store ``record`` on the server (if it answers) and in the host's file."""
+        with contextlib.suppress(Unreachable):
+            self.link.call(self.shared.save, record)
+        self.local.save(record)
+
+    def delete(self) -> list[str]:
+        """Delete the record on the server (if it answers) and the host's file."""
+        removed: list[str] = []
+        with contextlib.suppress(Unreachable):
+            removed = self.link.call(self.shared.delete)
+        return removed + self.local.delete()
+
+
+class SharedRenewalLock:
+    """The host's file lock, then the server's lease: processes of one host queue on the file lock,
+    hosts on the lease. While the server is down only the file lock is held (a warning says so)."""
+
+    def __init__(self, link: StoreLink, shared: RedisRenewalLock, local: file_store.FileRenewalLock) -> None:
+        self.link, self.shared, self.local = link, shared, local
+        self.location = local.location
+
+    @contextlib.contextmanager
+    def hold(self, timeout: float) -> Iterator[None]:
+        """Hold both locks, waiting at most ``timeout`` seconds in all (0: one try of each).
+
+        Raises:
+            LockTimeoutError: either was held by another owner all that time.
+            StoreError: the file lock cannot be taken.
+        """
+        deadline = time.monotonic() + timeout
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.local.hold(timeout))
+            remaining = 0.0 if timeout <= 0 else max(0.0, deadline - time.monotonic())
+            try:
+                self.link.call(stack.enter_context, self.shared.hold(remaining))
+            except Unreachable:
+                _log.warning("token store %s unreachable: holding only this host's lock %s",
+                             self.link.url, self.local.location)
+            yield
+
+
+class SharedStateStore:
+    """The key's renewal memory on the server, copied to (and, when the server has none or is down,
+    read from) the host's file, so the one-a-minute rule holds across a restart of the server."""
+
+    def __init__(self, link: StoreLink, shared: RedisStateStore, local: file_store.FileStateStore) -> None:
+        self.link, self.shared, self.local = link, shared, local
+        self.location = local.location
+
+    def load(self) -> RenewalState:
+        """The server's state, else the host's."""
+        with contextlib.suppress(Unreachable):
+            state = self.link.call(self.shared.stored)
+            if state is not None:
+                return state
+        return self.local.load()
+
+    def save(self, state: RenewalState) -> None:
+        """Store the state on the server (if it answers) and in the host's file."""
+        with contextlib.suppress(Unreachable):
+            self.link.call(self.shared.save, state)
+        self.local.save(state)
+
+
+def shared_key_store(url: str, directory: Path, key_id: str, *, lease: float = LEASE,
+                     retry_interval: float = RETRY_INTERVAL) -> KeyStore[TokenRecord]:
+    """One key's token store on the server at ``url``, with the host's files in ``directory``.
+
+    Args:
+        url: the server (``KIS_TOKEN_STORE``).
+        directory: the host's token directory (``KIS_TOKEN_DIR``).
+        key_id: :attr:`Credential.key_id` of the key.
+        lease: how long the renewal lock outlives a holder that died (tests pass a short one).
+        retry_interval: how long the server rests after a failed call.
+    """
+    server = link(url, retry_interval)
+    files = file_store.key_store(directory, key_id)
+    names = key_names(key_id)
+    where = {piece: f"{server.url} {name}" for piece, name in names.items()}
+    record = RedisRecordStore(server.client, names["record"], TokenRecord.from_json, TokenRecord.to_json,
+                              where["record"])
+    return KeyStore(
+        SharedRecordStore(server, record, files.record),
+        SharedRenewalLock(server, RedisRenewalLock(server.client, names["lock"], lease, where["lock"]),
+                          files.lock),
+        SharedStateStore(server, RedisStateStore(server.client, names["state"], where["state"]), files.state),
+    )
+
+
+def describe(store: KeyStore[Any]) -> dict[str, Any]:
+    """What ``check`` shows of a shared store: ``kind``, ``url`` (password masked), ``reachable``,
+    ``error`` (why not) and ``prefix`` (of the key's names on the server)."""
+    record = store.record
+    server: StoreLink = record.link  # type: ignore[attr-defined]
+    reachable = not server.down and server.ping()
+    return {
+        "kind": "redis",
+        "url": server.url,
+        "reachable": reachable,
+        "error": None if reachable else server.error,
+        "prefix": record.shared.name.rsplit(":", 1)[0] + ":",  # type: ignore[attr-defined]
+    }

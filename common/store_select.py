@@ -1,0 +1,34 @@
+"""Which store holds a key's token: the token directory (one host) or a Redis/Valkey server that
+several hosts share (``KIS_TOKEN_STORE``, SPEC §10). redis is imported only for the latter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common import file_store
+from common.record import TokenRecord
+from common.settings import Settings, token_store_url
+from common.store import KeyStore
+
+
+def key_store(settings: Settings, key_id: str) -> KeyStore[TokenRecord]:
+    """The store of key ``key_id`` that ``KIS_TOKEN_STORE`` selects.
+
+    Raises:
+        ConfigError: ``KIS_TOKEN_STORE`` is neither ``file`` nor a usable URL.
+    """
+    url = token_store_url(settings)
+    if url is None:
+        return file_store.key_store(settings.token_dir, key_id)
+    from common import redis_store
+
+    return redis_store.shared_key_store(url, settings.token_dir, key_id)
+
+
+def describe(store: KeyStore[Any]) -> dict[str, Any]:
+    """Which store ``store`` is and whether it answers, as ``check --json`` shows it under ``store``."""
+    if hasattr(store.record, "link"):
+        from common import redis_store
+
+        return redis_store.describe(store)
+    return {"kind": "file", "url": None, "reachable": True, "error": None, "prefix": None}
