@@ -304,18 +304,38 @@ def test_check_says_which_store_is_used_and_whether_it_answers(host, server, clo
     assert PASSWORD not in out + err
 
 
-def test_user_name_and_password_in_the_url(server, make_manager, env, clock, tmp_path, caplog):
+#: The README's ACL: only the package's keys, only the commands it sends.
+README_ACL = ["~kis-token:*", "resetchannels", "-@all", "+get", "+set", "+del", "+eval", "+evalsha",
+              "+script|load", "+watch", "+multi", "+exec", "+ping"]
+
+
+def add_user(server: RedisServer, name: str, password: str) -> None:
+    server.client().execute_command("ACL", "SETUSER", name, "on", ">" + password, *README_ACL)
+
+
+def test_user_name_and_password_in_the_url_with_the_readmes_acl(server, make_manager, env, clock,
+                                                                  tmp_path, caplog):
     user_password = "trader-pw-" + secrets.token_hex(8)
-    server.client().acl_setuser("trader", enabled=True, passwords=["+" + user_password],
-                                keys=["kis-token:*"], commands=["+@all"])
+    add_user(server, "trader", user_password)
     url = f"redis://trader:{user_password}@127.0.0.1:{server.port}/0"
+    caplog.set_level(logging.WARNING)
     with responses.RequestsMock() as mock:
-        broker(mock, clock, [fake_token(1)])
+        broker(mock, clock, [fake_token(1), fake_token(2)])
         manager = make_manager(USTokenManager, {**env, "KIS_TOKEN_STORE": url})
         assert manager.get_valid_token() == fake_token(1)
+        assert record_key(server) in server.dump()
+        server.stop()
+        server.start()  # empty, and without the user: put the ACL back, then the record
+        add_user(server, "trader", user_password)
+        clock.advance(manager.windows.sync_interval)
+        assert manager.get_valid_token() == fake_token(1)  # put back (WATCH, MULTI, EXEC)
+        manager.delete_token()  # SET ... GET
+        clock.advance(60)
+        assert manager.get_valid_token() == fake_token(2)  # the lock (SET NX PX, then Lua to release)
+        assert len(mock.calls) == 2
     assert record_key(server) in server.dump()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "every command was allowed"
     wrong = f"redis://trader:wrong-{user_password}@127.0.0.1:{server.port}/0"
-    caplog.set_level(logging.WARNING)
     other = make_manager(USTokenManager, {**env, "KIS_TOKEN_STORE": wrong,
                                           "KIS_TOKEN_DIR": str(tmp_path / "other")})
     assert other.get_token_info()["store"]["reachable"] is False
