@@ -10,8 +10,8 @@
 ``kis-token:v1:<id>:state``   the key's renewal memory, the JSON of ``key-<id>.state``
 
 None of them holds an app key, a secret, or anything they could be recovered from (the record has
-a 16-hex-digit SHA-256 fingerprint of the key, as the files do). A new key name can only come with
-a new ``v<N>``.
+a 16-hex-digit SHA-256 fingerprint of the key, as the files do). Another layout of these keys or
+their values would come under a new ``v<N>``.
 
 :func:`shared_key_store` is what a manager uses: the three pieces on the server, each falling back
 to the same piece on the host's files (``common.file_store``) whenever the server does not answer
