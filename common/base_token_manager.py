@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 import random
 import threading
 import time
@@ -93,6 +94,8 @@ class BaseTokenManager(abc.ABC):
         sleep: waits between retries of the token request (tests inject one).
         session: a ``requests.Session`` for the broker, if the caller has one.
         jitter: this process's extra advisory window in seconds (default: random up to 10 min).
+        app_key, app_secret, environment, token_dir: values given in code; they win over the
+            market's variables, ``KIS_ENV`` and ``KIS_TOKEN_DIR`` from the environment and ``.env``.
     """
 
     #: The market's ``config`` module (account variable, broker exchange, warm-up horizon).
@@ -107,8 +110,15 @@ class BaseTokenManager(abc.ABC):
         sleep: Callable[[float], None] | None = None,
         session: Any = None,
         jitter: float | None = None,
+        app_key: str | None = None,
+        app_secret: str | None = None,
+        environment: str | None = None,
+        token_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.settings = settings or Settings()
+        self.settings = (settings or Settings()).with_overrides({
+            self.market_config.APP_KEY_VAR: app_key, self.market_config.APP_SECRET_VAR: app_secret,
+            "KIS_ENV": environment, "KIS_TOKEN_DIR": token_dir,
+        })
         self._store = store
         self._clock = clock or clock_module.now
         self._sleep = sleep or time.sleep
