@@ -22,7 +22,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from common.cli import CHECK_EXIT, CHECK_UNKNOWN, configure_logging, describe_error, unknown_info
+from common.cli import (
+    CHECK_EXIT,
+    CHECK_UNKNOWN,
+    check_configuration,
+    configure_logging,
+    describe_error,
+    unknown_info,
+)
 from common.clock import format_duration
 
 PROG = "kis-token"
@@ -102,10 +109,13 @@ def status(as_json: bool = False, verbose: int = 0, quiet: bool = False) -> int:
     report = collect(settings, problem)
     if problem is not None:  # the same for both markets: say it once
         print(f"{PROG} status: error: {problem}", file=sys.stderr)
-    else:
+    else:  # one line per problem: the same one in both markets (KIS_TOKEN_DIR, say) is said once
+        problems: dict[str, list[str]] = {}
         for market, info in report["markets"].items():
             if info["status"] == "unknown":
-                print(f"{PROG} status: error: {market}: {info['error']}", file=sys.stderr)
+                problems.setdefault(info["error"], []).append(market)
+        for message, markets in problems.items():
+            print(f"{PROG} status: error: {', '.join(markets)}: {message}", file=sys.stderr)
     if as_json:
         print(json.dumps(report, ensure_ascii=False))
     elif not (quiet and report["exit"] == 0):
@@ -151,6 +161,7 @@ def _market_info(market: str, settings: Any, problem: str | None) -> dict[str, A
             else:
                 from kr.token_manager import KRTokenManager as cls
             manager = cls(settings)
+            check_configuration(manager)  # as check does: every setting, not only those it reads
             info = manager.get_token_info()
             info["key_fingerprint"] = manager.key_fingerprint()
             info["exit"] = CHECK_EXIT[info["status"]]
