@@ -98,7 +98,8 @@ def describe_error(exc: BaseException, manager: object | None = None) -> tuple[s
     if refusal is not None:
         return f"{exc}; {_credentials_hint(refusal, manager)}", EXIT_CONFIG
     if _cause(exc, StoreError) is not None:
-        return f"{exc} (set {TOKEN_DIR_VAR} to a directory this user can write)", EXIT_FAILED
+        hint = f"check that this user can write there, or set {TOKEN_DIR_VAR} to another directory"
+        return f"{exc} ({hint})", EXIT_FAILED
     return str(exc), EXIT_FAILED
 
 
@@ -189,11 +190,13 @@ def _parser(market: str, prog: str | None = None) -> argparse.ArgumentParser:
 
 def _add_verbosity(parser: argparse.ArgumentParser, after: bool = False) -> None:
     """``-v``/``-q``; a command's own go to ``*_after`` so that ``-v check -v`` counts both."""
-    suffix, unset = ("_after", argparse.SUPPRESS) if after else ("", None)
-    parser.add_argument("-v", "--verbose", action="count", dest="verbose" + suffix,
-                        default=unset if after else 0, help="more logs (-vv: debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", dest="quiet" + suffix,
-                        default=unset if after else False,
+    if after:  # unset unless given, so that the main parser's defaults stand
+        verbose = {"dest": "verbose_after", "default": argparse.SUPPRESS}
+        quiet = {"dest": "quiet_after", "default": argparse.SUPPRESS}
+    else:
+        verbose, quiet = {"dest": "verbose", "default": 0}, {"dest": "quiet", "default": False}
+    parser.add_argument("-v", "--verbose", action="count", help="more logs (-vv: debug)", **verbose)
+    parser.add_argument("-q", "--quiet", action="store_true", **quiet,
                         help="silent on success: errors only (get, metrics and check --json still answer)")
 
 

@@ -487,3 +487,44 @@ def test_plain_install_into_a_fresh_venv_runs_kis_token_from_anywhere(tmp_path):
         no_secrets(before.stdout, status.stdout, token=token)
     default_dir = tmp_path / "home" / ".local" / "state" / "kis-tokens" / "real"
     assert (default_dir / "us_api_token.json").exists() and (default_dir / "kr_api_token.json").exists()
+
+
+# -- the messages themselves ------------------------------------------------------------------------
+
+
+def _chained(outer: Exception, inner: Exception) -> Exception:
+    try:
+        try:
+            raise inner
+        except Exception as exc:
+            raise outer from exc
+    except Exception as caught:
+        return caught
+
+
+@pytest.mark.parametrize(
+    ("code", "fix"),
+    [("EGW00103", "fix KIS_KR_APP_KEY"), ("EGW00102", "fix KIS_KR_APP_KEY"),
+     ("EGW00105", "fix KIS_KR_APP_SECRET: it is not the secret of KIS_KR_APP_KEY"),
+     ("EGW02004", "check KIS_KR_APP_KEY and KIS_KR_APP_SECRET")],
+)
+def test_a_credential_refusal_names_the_markets_variables(kr, code, fix):
+    from common.cli import describe_error
+    from common.errors import CredentialsError, TokenUnavailableError
+
+    refusal = CredentialsError(code, "유효하지 않은 AppSecret입니다.", 403)
+    wrapped = _chained(TokenUnavailableError(f"no valid kr token: {refusal}"), refusal)
+    for exc in (refusal, wrapped):
+        message, exit_code = describe_error(exc, kr)
+        assert exit_code == 3 and code in message and "유효하지 않은" in message
+        assert fix in message and message.endswith("for KIS_ENV=real")
+
+
+def test_an_unwritable_token_directory_names_the_variable():
+    from common.cli import describe_error
+    from common.errors import StoreError, TokenUnavailableError
+
+    failure = StoreError("cannot create /srv/tokens: Read-only file system")
+    message, exit_code = describe_error(_chained(TokenUnavailableError(f"no valid us token: {failure}"),
+                                                 failure))
+    assert exit_code == 1 and "/srv/tokens" in message and "KIS_TOKEN_DIR" in message
