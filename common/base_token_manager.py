@@ -11,6 +11,7 @@ the token as a credential kind is ``common.token_kind``; files are ``common.file
 from __future__ import annotations
 
 import abc
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,8 @@ class BaseTokenManager(abc.ABC):
         jitter: seconds added to the advisory window (default: 0 to 10 min derived from the key, so
             that every process of a key, and ``check``, agree on when renewal is due).
         timeouts: the token endpoint's deadlines and retries (default: ``kis_client.Timeouts()``).
+        app_key, app_secret, environment, token_dir: values given in code; they win over the
+            market's variables, ``KIS_ENV`` and ``KIS_TOKEN_DIR`` from the environment and ``.env``.
     """
 
     #: The market's ``config`` module (account variable, broker exchange, warm-up horizon).
@@ -58,8 +61,15 @@ class BaseTokenManager(abc.ABC):
         windows: Windows | None = None,
         jitter: float | None = None,
         timeouts: Any = None,
+        app_key: str | None = None,
+        app_secret: str | None = None,
+        environment: str | None = None,
+        token_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.settings = settings or Settings()
+        self.settings = (settings or Settings()).with_overrides({
+            self.market_config.APP_KEY_VAR: app_key, self.market_config.APP_SECRET_VAR: app_secret,
+            "KIS_ENV": environment, "KIS_TOKEN_DIR": token_dir,
+        })
         self.now: Callable[[], float] = clock or clock_module.now
         self.sleep = sleep or time.sleep
         self.session = session

@@ -36,7 +36,8 @@ def _environment(base_url: str, token_dir: str) -> dict[str, str]:
 
 def _run(title: str, args: list[str], env: dict[str, str]) -> int:
     print(f"\n# {title}")
-    print("$ python -m " + " ".join(args))
+    shown = ["kis-token", *args[1:]] if args[0] == "common.console" else ["python", "-m", *args]
+    print("$ " + " ".join(shown))
     result = subprocess.run(
         [sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=120
     )
@@ -63,6 +64,8 @@ def main() -> int:
             ("get again: served from the stored token, no request", ["us.token_manager", "get"], env, 0),
             ("check shows both markets (token masked)", ["us.token_manager", "check"], env, 0),
             ("", ["kr.token_manager", "check"], env, 0),
+            ("kis-token status: both markets in one table (exit: the worse check code)",
+             ["common.console", "status"], env, 0),
             ("A forced refresh within the minute is held back; the valid token is kept",
              ["us.token_manager", "refresh"], env, 1),
             ("Another host with the same key asks the broker: EGW00133 (one a minute)",

@@ -445,7 +445,11 @@ def test_check_with_a_missing_key_is_a_configuration_error(make_manager, env, cl
     environ = {k: v for k, v in env.items() if k != "KIS_US_APP_KEY"}
     assert cli(make_manager(USTokenManager, environ), *argv) == 3
     captured = capsys.readouterr()
-    assert captured.out == ""
+    if "--json" in argv:  # one JSON object even then (SPEC §5)
+        assert json.loads(captured.out)["status"] == "unknown"
+        assert "KIS_US_APP_KEY" in json.loads(captured.out)["error"]
+    else:
+        assert captured.out == ""
     assert "KIS_US_APP_KEY" in one_line(captured.err)
 
 
@@ -461,7 +465,7 @@ def test_check_with_a_missing_key_and_no_token_is_a_configuration_error(make_man
 def test_check_with_a_malformed_setting_is_a_configuration_error(make_manager, env, capsys, name, bad):
     assert cli(make_manager(USTokenManager, {**env, name: bad}), "check", "--json") == 3
     captured = capsys.readouterr()
-    assert captured.out == "" and name in one_line(captured.err)
+    assert name in json.loads(captured.out)["error"] and name in one_line(captured.err)
 
 
 def test_check_human_output_masks_the_token(us, clock, capsys, caplog):
