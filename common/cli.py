@@ -177,6 +177,7 @@ def _parser(market: str, prog: str | None = None) -> argparse.ArgumentParser:
                     "3 unknown)")
     check.add_argument("--json", action="store_true", help="print one JSON object")
     command("get", _get, "print a valid token, renewing first if needed")
+    command("approval", _approval, "print the WebSocket approval key, issuing it first if needed")
     command("refresh", _refresh, "force a renewal now")
     command("delete", _delete, "remove this market's local token files")
     warmup = command("warmup", _warmup, "renew only if the token would expire within a horizon")
@@ -252,6 +253,10 @@ def _check(manager, args: argparse.Namespace) -> int:
         last_code = f" {last['code']}" if last["code"] else ""
         detail = f": {last['message']}" if last["message"] else ""
         print(f"  last renewal: {last['outcome']}{last_code} at {last['at']}{detail}")
+    approval = info["approval"]
+    if approval is not None:
+        age = format_duration(approval["age_seconds"])
+        print(f"  approval: {approval['key']} (WebSocket approval key, {age} old)")
     print(f"  key:      {info['key_fingerprint']} (record {info['files']['key_record']})")
     print(f"  record:   {info['files']['record']}")
     print(f"  issued:   {info['files']['issued_at']}")
@@ -272,6 +277,11 @@ def _left(seconds: float) -> str:
 
 def _get(manager, args: argparse.Namespace) -> int:
     print(manager.get_valid_token())
+    return EXIT_OK
+
+
+def _approval(manager, args: argparse.Namespace) -> int:
+    print(manager.get_approval_key())
     return EXIT_OK
 
 

@@ -380,6 +380,7 @@ def assert_check_schema(info: dict[str, Any]) -> None:
     optional_str = (str, type(None))
     assert set(info) == {
         "schema", "market", "environment", "key_fingerprint", "status", "present", "valid", "issued_at",
+        "approval",
         "expires_at", "seconds_left", "token", "renewal_window_seconds", "last_renewal", "files",
     }
     assert info["schema"] == 1
@@ -397,6 +398,10 @@ def assert_check_schema(info: dict[str, Any]) -> None:
         assert set(last) == {"outcome", "at", "code", "message"}
         assert isinstance(last["outcome"], str) and isinstance(last["at"], str)
         assert isinstance(last["code"], optional_str) and isinstance(last["message"], optional_str)
+    approval = info["approval"]
+    if approval is not None:
+        assert set(approval) == {"key", "issued_at", "age_seconds", "valid"}
+        assert "..." in approval["key"] and type(approval["age_seconds"]) is int
     assert isinstance(info["files"], dict)
     assert {"record", "issued_at", "mojito", "key_record", "state", "lock"} <= set(info["files"])
     assert all(isinstance(path, str) for path in info["files"].values())
