@@ -7,10 +7,12 @@ thousand tasks from cold cost one thread, one lock and one request, and the loop
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:  # asyncio costs ~50 ms to import: only code that awaits pays for it
+    import asyncio
 
 T = TypeVar("T")
 
@@ -28,6 +30,8 @@ class SingleFlight:
         Raises:
             Exception: whatever ``func`` raised (each waiting task gets it).
         """
+        import asyncio
+
         loop = asyncio.get_running_loop()
         key = (id(loop), name)
         with self._guard:
