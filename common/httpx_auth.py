@@ -24,8 +24,6 @@ class KISHttpxAuth(httpx.Auth):
         manager: a ``USTokenManager`` or ``KRTokenManager``.
     """
 
-    requires_response_body = True
-
     def __init__(self, manager: Any) -> None:
         self.manager = manager
 
@@ -34,7 +32,7 @@ class KISHttpxAuth(httpx.Auth):
         token = self.manager.get_valid_token()
         request.headers.update(kis_headers(self.manager, token))
         response = yield request
-        code = rejected_token_code(response.content)
+        code = rejected_token_code(response.read())
         if code is not None and (new := replacement(self.manager, token, code)) is not None:
             request.headers.update(kis_headers(self.manager, new))
             yield request
@@ -44,7 +42,7 @@ class KISHttpxAuth(httpx.Auth):
         token = await self.manager.get_valid_token_async()
         request.headers.update(kis_headers(self.manager, token))
         response = yield request
-        code = rejected_token_code(response.content)
+        code = rejected_token_code(await response.aread())
         if code is None:
             return
         log_rejection(self.manager, code)
