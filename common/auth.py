@@ -42,9 +42,15 @@ def rejected_token_code(body: bytes | str) -> str | None:
 
 
 def kis_headers(manager: Any, token: str) -> dict[str, str]:
-    """The headers every KIS REST call carries: the bearer token and the market's app key and secret."""
-    app_key, app_secret = manager.get_app_credentials()
-    return {"authorization": f"Bearer {token}", "appkey": app_key, "appsecret": app_secret}
+    """The headers every KIS REST call carries: the bearer token and the market's app key and secret.
+
+    The key and secret are read once per manager (a manager's key does not change: a rotated key is
+    a new manager).
+    """
+    credentials = manager.__dict__.get("_kis_auth_credentials")
+    if credentials is None:
+        credentials = manager._kis_auth_credentials = manager.get_app_credentials()
+    return {"authorization": f"Bearer {token}", "appkey": credentials[0], "appsecret": credentials[1]}
 
 
 def log_rejection(manager: Any, code: str) -> None:
