@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from common.approval_kind import ApprovalRecord
 from common.errors import TokenUnavailableError
 from common.record import mask_token
 from kr.token_manager import KRTokenManager
-from tests.conftest import DAY, REAL_HOST, US_KEY, US_SECRET
+from tests.conftest import DAY, REAL_HOST, US_KEY, US_SECRET, run_together
 from us.token_manager import USTokenManager
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,24 +116,9 @@ def _environ(env, sandbox_process, **extra):
             "KIS_BASE_URL": sandbox_process.base_url, **env, **extra}
 
 
-def _run_all(commands, environ):
-    processes = [subprocess.Popen([sys.executable, "-m", *command], env=environ, cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for command in commands]
-    results = []
-    for process in processes:
-        try:
-            out, err = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, err = process.communicate()
-        results.append((process.returncode, out, err))
-    return results
-
-
 def test_twelve_processes_from_cold_cost_one_approval_request(env, sandbox_process):
     sandbox_process.control("faults", {"mode": "slow", "delay": 0.5, "count": 1, "path": "/oauth2/Approval"})
-    results = _run_all([["us.token_manager", "approval"]] * 12, _environ(env, sandbox_process))
+    results = run_together([["us.token_manager", "approval"]] * 12, _environ(env, sandbox_process))
     assert all(code == 0 for code, _, _ in results), [err for _, _, err in results]
     keys = {out for _, out, _ in results}
     assert len(keys) == 1 and keys.pop().strip()
@@ -145,7 +128,7 @@ def test_twelve_processes_from_cold_cost_one_approval_request(env, sandbox_proce
 
 def test_one_key_in_both_markets_processes_share_one_approval_key(env, sandbox_process):
     environ = _environ(env, sandbox_process, KIS_KR_APP_KEY=US_KEY, KIS_KR_APP_SECRET=US_SECRET)
-    results = _run_all([[f"{m}.token_manager", "approval"] for m in ("us", "kr")] * 3, environ)
+    results = run_together([[f"{m}.token_manager", "approval"] for m in ("us", "kr")] * 3, environ)
     assert all(code == 0 for code, _, _ in results), [err for _, _, err in results]
     assert len({out for _, out, _ in results}) == 1
     assert sandbox_process.counters()["approvals"] == 1
