@@ -11,12 +11,15 @@ the token as a credential kind is ``common.token_kind``; files are ``common.file
 from __future__ import annotations
 
 import abc
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from common import clock as clock_module
 from common import file_store, outcomes, store_select
+from common.aio import SingleFlight
+from common.approval_kind import ApprovalKind, ApprovalRecord
 from common.engine import RenewalEngine
 from common.errors import TokenUnavailableError
 from common.identity import Credential
@@ -42,6 +45,8 @@ class BaseTokenManager(abc.ABC):
         jitter: seconds added to the advisory window (default: 0 to 10 min derived from the key, so
             that every process of a key, and ``check``, agree on when renewal is due).
         timeouts: the token endpoint's deadlines and retries (default: ``kis_client.Timeouts()``).
+        app_key, app_secret, environment, token_dir: values given in code; they win over the
+            market's variables, ``KIS_ENV`` and ``KIS_TOKEN_DIR`` from the environment and ``.env``.
     """
 
     #: The market's ``config`` module (account variable, broker exchange, warm-up horizon).
@@ -58,14 +63,23 @@ class BaseTokenManager(abc.ABC):
         windows: Windows | None = None,
         jitter: float | None = None,
         timeouts: Any = None,
+        app_key: str | None = None,
+        app_secret: str | None = None,
+        environment: str | None = None,
+        token_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.settings = settings or Settings()
+        self.settings = (settings or Settings()).with_overrides({
+            self.market_config.APP_KEY_VAR: app_key, self.market_config.APP_SECRET_VAR: app_secret,
+            "KIS_ENV": environment, "KIS_TOKEN_DIR": token_dir,
+        })
         self.now: Callable[[], float] = clock or clock_module.now
         self.sleep = sleep or time.sleep
         self.session = session
         self.timeouts = timeouts
         self._windows, self._jitter, self._key_store = windows or Windows(), jitter, store
         self._built: tuple[RenewalEngine[TokenRecord], TokenKind] | None = None
+        self._approval: RenewalEngine[ApprovalRecord] | None = None
+        self._flights = SingleFlight()
 
     # -- market hooks -------------------------------------------------------------------------
 
@@ -115,29 +129,40 @@ class BaseTokenManager(abc.ABC):
     @property
     def mirror(self) -> file_store.MarketMirror:
         """This market's story files (``<prefix>api_token.json`` ...), mirrors of the key's record."""
-        return self._wired()[1].mirror
+        return self._wired()[1].files
 
     def _wired(self) -> tuple[RenewalEngine[TokenRecord], TokenKind]:
         if self._built is None:
             credential = Credential.of(self.environment, self.get_api_url(), self.get_app_credentials()[0])
-            jitter = self._jitter
-            if jitter is None:
-                jitter = int(credential.key_fingerprint[-6:], 16) % int(ADVISORY_JITTER)
             kind = TokenKind(self, credential)
-            engine = RenewalEngine(
-                name=f"{self.market} token",
-                store=self._key_store or store_select.key_store(self.settings, credential.key_id),
-                issue=kind.issue,
-                accept=kind.accept,
-                windows=self._windows._replace(advisory=self._windows.advisory + jitter),
-                clock=self.now,
-                observers=outcomes.observers(self.settings.get(ALERT_WEBHOOK_VAR), self.market,
-                                             self.environment),
-                mirror=kind,
-                legacy=kind.legacy,
-            )
+            engine = self._engine(credential, "token", kind, store=self._key_store, mirror=kind,
+                                  legacy=kind.legacy)
             self._built = (engine, kind)
         return self._built
+
+    def _approval_engine(self) -> RenewalEngine[ApprovalRecord]:
+        if self._approval is None:
+            credential = self.credential
+            self._approval = self._engine(credential, "approval", ApprovalKind(self, credential))
+        return self._approval
+
+    def _engine(self, credential: Credential, kind_name: str, kind: Any, **extra: Any) -> RenewalEngine[Any]:
+        """An engine for one credential kind (``token``, ``approval``) of this market's key."""
+        jitter = self._jitter
+        if jitter is None:
+            jitter = int(credential.key_fingerprint[-6:], 16) % int(ADVISORY_JITTER)
+        store = extra.pop("store", None) or store_select.key_store(self.settings, credential.key_id,
+                                                                    kind_name)
+        return RenewalEngine(
+            name=f"{self.market} {kind_name.replace('approval', 'approval key')}",
+            store=store,
+            issue=kind.issue,
+            accept=kind.accept,
+            windows=self._windows._replace(advisory=self._windows.advisory + jitter),
+            clock=self.now,
+            observers=outcomes.observers(self.settings.get(ALERT_WEBHOOK_VAR), self.market, self.environment),
+            **extra,
+        )
 
     # -- the seed API -------------------------------------------------------------------------
 
@@ -188,6 +213,40 @@ class BaseTokenManager(abc.ABC):
     def load_renewal_state(self) -> RenewalState:
         """The key's shared renewal memory; an unusable file counts as empty (warning logged)."""
         return self._wired()[0].load_state()
+
+    def get_approval_key(self) -> str:
+        """The key's WebSocket approval key (``POST /oauth2/Approval``), issued first if needed.
+
+        Managed like the token: cached in memory and in a 0600 file per key, shared by every process
+        (and market) of the key, single flight, renewed before it is 24 h old.
+
+        Raises:
+            TokenUnavailableError: none is held and none could be obtained.
+        """
+        return self._approval_engine().serve().approval_key
+
+    def load_approval_key(self) -> ApprovalRecord | None:
+        """The key's stored approval key record, or None (no request)."""
+        return self._approval_engine().current()
+
+    # -- asyncio --------------------------------------------------------------------------------
+
+    async def get_valid_token_async(self) -> str:
+        """:meth:`get_valid_token` for asyncio code: the loop never waits on a renewal (it runs in a
+        worker thread, one per burst of callers)."""
+        if self._built is not None:
+            record, fresh_until, since = self._built[0].snapshot
+            if since <= self.now() < fresh_until:
+                return record.access_token  # type: ignore[union-attr]
+        return await self._flights.run("token", self.get_valid_token)
+
+    async def get_approval_key_async(self) -> str:
+        """:meth:`get_approval_key` for asyncio code, off the loop."""
+        return await self._flights.run("approval", self.get_approval_key)
+
+    async def replace_rejected_token_async(self, rejected: str) -> str:
+        """:meth:`replace_rejected_token` for asyncio code, off the loop (one call per burst)."""
+        return await self._flights.run(("replace", rejected), self.replace_rejected_token, rejected)
 
     # -- operations ---------------------------------------------------------------------------
 

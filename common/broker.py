@@ -29,13 +29,11 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from common.errors import ConfigError
+from common.errors import REJECTED_TOKEN_CODES, ConfigError
 
 if TYPE_CHECKING:
     from common.base_token_manager import BaseTokenManager
 
-#: ``msg_cd`` values that mean "this token is not accepted": expired, and invalid or revoked.
-REJECTED_TOKEN_CODES = frozenset({"EGW00123", "EGW00121"})
 #: An account number: 8 digits, a dash, the 2-digit product code.
 ACCOUNT_PATTERN = re.compile(r"\d{8}-\d{2}")
 

@@ -1,12 +1,15 @@
 """The command line shared by ``python -m us.token_manager`` and ``python -m kr.token_manager``.
 
 stdout carries only the answer (the token for ``get``, a status line or JSON otherwise); logs and
-errors go to stderr. Expected failures print one line, never a traceback.
+errors go to stderr. Expected failures print one line, never a traceback. ``-q`` makes every
+command silent on success (``get``, ``metrics`` and ``check --json`` still print their answer);
+``-v``, ``-vv`` and ``-q`` go before or after the command.
 
 Exit codes: 0 success; 1 the operation failed (refused, unreachable, no valid token); 2 usage;
-3 configuration error. ``check`` follows the Nagios plugin convention: 0 OK, 1 WARNING (valid but
-inside the renewal window), 2 CRITICAL (missing or expired), 3 UNKNOWN (configuration or internal
-error).
+3 configuration error (a variable, the token directory, or an app key or secret the broker
+refused). ``check`` follows the Nagios plugin convention: 0 OK, 1 WARNING (valid but inside the
+renewal window), 2 CRITICAL (missing or expired), 3 UNKNOWN (configuration or any other error);
+``check --json`` prints one JSON object even then (``"status": "unknown"`` and ``"error"``).
 """
 
 from __future__ import annotations
@@ -14,22 +17,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 
 from common.clock import format_duration
-from common.errors import ConfigError, KISTokenError
+from common.errors import ConfigError, CredentialsError, KISTokenError, StoreError
+from common.settings import ENV_VAR, LOG_LEVEL_VAR, TOKEN_DIR_VAR
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 CHECK_EXIT = {"ok": 0, "renewal_due": 1, "missing": 2, "expired": 2}
-LOG_LEVEL_VAR = "KIS_LOG_LEVEL"
+#: ``check`` exit code for a configuration or any other error (Nagios UNKNOWN).
+CHECK_UNKNOWN = 3
+__all__ = [
+    "CHECK_EXIT", "CHECK_UNKNOWN", "LOG_LEVEL_VAR", "check_configuration", "configure_logging",
+    "describe_error", "main", "unknown_info",
+]
 
 _log = logging.getLogger("common.cli")
 
 
 def main(
-    manager_factory: Callable[[], object], argv: Sequence[str] | None = None, market: str | None = None
+    manager_factory: Callable[[], object],
+    argv: Sequence[str] | None = None,
+    market: str | None = None,
+    prog: str | None = None,
 ) -> int:
     """Run one CLI command for the market whose manager ``manager_factory`` builds.
 
@@ -37,68 +48,171 @@ def main(
         manager_factory: builds the market's manager (``USTokenManager``, ``KRTokenManager``).
         argv: the arguments (default: ``sys.argv[1:]``).
         market: ``US`` or ``KR`` (default: from the factory's name).
+        prog: the program name in usage and error lines (default: ``python -m us.token_manager``).
 
     Returns:
         The process exit code.
     """
     market = market or manager_factory.__name__[:2].upper()
-    args = _parser(market).parse_args(argv)
-    _configure_logging(args.verbose, args.quiet)
+    args = _parser(market, prog).parse_args(argv)
+    args.verbose += args.verbose_after
+    args.quiet = args.quiet or args.quiet_after
+    manager = None
     try:
         manager = manager_factory()
+        configure_logging(args.verbose, args.quiet, getattr(manager, "settings", None))
+        check_configuration(manager)
         return args.run(manager, args)
-    except ConfigError as exc:
-        _error(args, f"configuration: {exc}")
-        return EXIT_CONFIG
-    except KISTokenError as exc:
-        _error(args, str(exc))
-        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # a bug or an unforeseen fault: one line, details at -vv
-        _log.debug("internal error", exc_info=True)
-        _error(args, f"internal error: {type(exc).__name__}: {exc}")
-        return EXIT_CONFIG if args.run is _check else EXIT_FAILED  # check: 3 is UNKNOWN
+    except Exception as exc:  # expected failures and bugs alike: one line, details at -vv
+        if not isinstance(exc, KISTokenError):
+            _log.debug("internal error", exc_info=True)
+        message, code = describe_error(exc, manager)
+        return _fail(manager, args, message, code)
 
 
-def _parser(market: str) -> argparse.ArgumentParser:
-    prog = f"python -m {market.lower()}.token_manager"
+def check_configuration(manager: object) -> None:
+    """Read every setting a command may need, so that a mistake is found before anything is done.
+
+    Credentials, environment, broker URL and token directory: each raises :class:`ConfigError`
+    naming its variable. (Found later, a missing key would cost the one-a-minute request slot.)
+    """
+    manager.environment  # type: ignore[attr-defined]  # noqa: B018  (KIS_ENV)
+    manager.get_app_credentials()  # type: ignore[attr-defined]
+    manager.get_api_url()  # type: ignore[attr-defined]
+    manager.store  # type: ignore[attr-defined]  # noqa: B018  (KIS_TOKEN_DIR)
+
+
+def describe_error(exc: BaseException, manager: object | None = None) -> tuple[str, int]:
+    """The one-line message for ``exc`` and the exit code of a command other than ``check``.
+
+    A credential refusal names the variables to fix (from ``manager.market_config``); an
+    unusable token directory names ``KIS_TOKEN_DIR``.
+    """
+    if isinstance(exc, ConfigError):
+        return f"configuration: {exc}", EXIT_CONFIG
+    if not isinstance(exc, KISTokenError):
+        return f"internal error: {type(exc).__name__}: {exc}", EXIT_FAILED
+    refusal = _cause(exc, CredentialsError)
+    if refusal is not None:
+        return f"{exc}; {_credentials_hint(refusal, manager)}", EXIT_CONFIG
+    if _cause(exc, StoreError) is not None:
+        hint = f"check that this user can write there, or set {TOKEN_DIR_VAR} to another directory"
+        return f"{exc} ({hint})", EXIT_FAILED
+    return str(exc), EXIT_FAILED
+
+
+def unknown_info(manager: object | None, market: str, message: str) -> dict[str, object]:
+    """The ``check --json`` object for a market whose status could not be read."""
+    environment = None
+    if manager is not None:
+        try:
+            environment = manager.environment  # type: ignore[attr-defined]
+        except Exception:
+            environment = None
+    return {
+        "schema": 1,
+        "market": market.lower(),
+        "environment": environment,
+        "status": "unknown",
+        "present": False,
+        "valid": False,
+        "error": message,
+    }
+
+
+def _cause(exc: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """``exc`` or the first exception of type ``kind`` in its chain of causes."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, kind):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _credentials_hint(refusal: BaseException, manager: object | None) -> str:
+    """What to fix after the broker refused the app key or secret: the variables, by name."""
+    config = getattr(manager, "market_config", None)
+    key_var = getattr(config, "APP_KEY_VAR", "the app key")
+    secret_var = getattr(config, "APP_SECRET_VAR", "the app secret")
+    try:
+        where = f" for {ENV_VAR}={manager.environment}"  # type: ignore[union-attr]
+    except Exception:
+        where = ""
+    code = getattr(refusal, "code", "")
+    if code in ("EGW00102", "EGW00103"):
+        return f"fix {key_var}: the broker does not accept this app key{where}"
+    if code in ("EGW00104", "EGW00105"):
+        return f"fix {secret_var}: it is not the secret of {key_var}{where}"
+    return f"check {key_var} and {secret_var}: they must be an app key and its secret{where}"
+
+
+def _fail(manager: object | None, args: argparse.Namespace, message: str, code: int) -> int:
+    """Print the error line (and for ``check --json`` the JSON object); return the exit code."""
+    is_check = args.run is _check
+    if is_check and getattr(args, "json", False):
+        print(json.dumps(unknown_info(manager, args.market, message), ensure_ascii=False))
+    _error(args, message)
+    return CHECK_UNKNOWN if is_check else code
+
+
+def _parser(market: str, prog: str | None = None) -> argparse.ArgumentParser:
+    prog = prog or f"python -m {market.lower()}.token_manager"
     parser = argparse.ArgumentParser(
         prog=prog, description=f"Manage the KIS Open API token of the {market} market."
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-vv: debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="errors only")
-    parser.set_defaults(market=market, prog=prog)
+    _add_verbosity(parser)
+    parser.set_defaults(market=market, prog=prog, verbose_after=0, quiet_after=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    check = commands.add_parser(
-        "check", help="show the token's status (exit 0 OK, 1 renewal due, 2 missing/expired)"
-    )
+    def command(name: str, run: Callable[..., int], text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text)
+        _add_verbosity(sub, after=True)
+        sub.set_defaults(run=run)
+        return sub
+
+    check = command("check", _check, "show the token's status (exit 0 OK, 1 renewal due, 2 missing/expired, "
+                    "3 unknown)")
     check.add_argument("--json", action="store_true", help="print one JSON object")
-    check.set_defaults(run=_check)
-    commands.add_parser("get", help="print a valid token, renewing first if needed").set_defaults(run=_get)
-    commands.add_parser("refresh", help="force a renewal now").set_defaults(run=_refresh)
-    commands.add_parser("delete", help="remove this market's local token files").set_defaults(run=_delete)
-    warmup = commands.add_parser("warmup", help="renew only if the token would expire within a horizon")
+    command("get", _get, "print a valid token, renewing first if needed")
+    command("approval", _approval, "print the WebSocket approval key, issuing it first if needed")
+    command("refresh", _refresh, "force a renewal now")
+    command("delete", _delete, "remove this market's local token files")
+    warmup = command("warmup", _warmup, "renew only if the token would expire within a horizon")
     warmup.add_argument("--valid-for", type=_duration, default=None, metavar="DURATION",
                         help="horizon such as 8h, 90m or 3600s (default: the market's session)")
-    warmup.set_defaults(run=_warmup)
-    revoke = commands.add_parser("revoke", help="revoke the token at the broker and remove local files")
-    revoke.set_defaults(run=_revoke)
-    metrics = commands.add_parser("metrics", help="print Prometheus metrics")
+    command("revoke", _revoke, "revoke the token at the broker and remove local files")
+    metrics = command("metrics", _metrics, "print Prometheus metrics")
     metrics.add_argument("--textfile", metavar="PATH", help="write them atomically to PATH instead")
-    metrics.set_defaults(run=_metrics)
     return parser
 
 
-def _configure_logging(verbose: int, quiet: bool) -> None:
-    level = os.environ.get(LOG_LEVEL_VAR, "WARNING").upper()
+def _add_verbosity(parser: argparse.ArgumentParser, after: bool = False) -> None:
+    """``-v``/``-q``; a command's own go to ``*_after`` so that ``-v check -v`` counts both."""
+    if after:  # unset unless given, so that the main parser's defaults stand
+        verbose = {"dest": "verbose_after", "default": argparse.SUPPRESS}
+        quiet = {"dest": "quiet_after", "default": argparse.SUPPRESS}
+    else:
+        verbose, quiet = {"dest": "verbose", "default": 0}, {"dest": "quiet", "default": False}
+    parser.add_argument("-v", "--verbose", action="count", help="more logs (-vv: debug)", **verbose)
+    parser.add_argument("-q", "--quiet", action="store_true", **quiet,
+                        help="silent on success: errors only (get, metrics and check --json still answer)")
+
+
+def configure_logging(verbose: int, quiet: bool, settings: object | None = None) -> None:
+    """Send logs to stderr at the level of ``-q`` (errors), ``-v``/``-vv``, else ``KIS_LOG_LEVEL``.
+
+    Raises:
+        ConfigError: ``KIS_LOG_LEVEL`` (environment or ``.env``) is not a log level, even when
+            ``-v`` or ``-q`` overrides it.
+    """
+    level = settings.log_level if settings is not None else "WARNING"  # type: ignore[attr-defined]
     if quiet:
         level = "ERROR"
     elif verbose:
         level = "DEBUG" if verbose > 1 else "INFO"
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        level = "WARNING"
     logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(message)s")
     # urllib3's debug lines carry request paths, and a webhook's path is its secret.
     logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLogger().level))
@@ -122,9 +236,12 @@ def _duration(text: str) -> float:
 
 def _check(manager, args: argparse.Namespace) -> int:
     info = manager.get_token_info()
+    code = CHECK_EXIT[info["status"]]
     if args.json:
         print(json.dumps(info, ensure_ascii=False))
-        return CHECK_EXIT[info["status"]]
+        return code
+    if args.quiet and code == EXIT_OK:
+        return code
     label = {"ok": "valid", "renewal_due": "valid, renewal due", "missing": "missing", "expired": "expired"}
     print(f"{args.market} token ({info['environment']}): {label[info['status']]}")
     if info["present"]:
@@ -133,9 +250,13 @@ def _check(manager, args: argparse.Namespace) -> int:
         print(f"  token:    {info['token']}")
     last = info["last_renewal"]
     if last is not None:
-        code = f" {last['code']}" if last["code"] else ""
+        last_code = f" {last['code']}" if last["code"] else ""
         detail = f": {last['message']}" if last["message"] else ""
-        print(f"  last renewal: {last['outcome']}{code} at {last['at']}{detail}")
+        print(f"  last renewal: {last['outcome']}{last_code} at {last['at']}{detail}")
+    approval = info["approval"]
+    if approval is not None:
+        age = format_duration(approval["age_seconds"])
+        print(f"  approval: {approval['key']} (WebSocket approval key, {age} old)")
     print(f"  key:      {info['key_fingerprint']} (record {info['files']['key_record']})")
     store = info["store"]
     reach = "answers" if store["reachable"] else f"unreachable: {store['error']}"
@@ -143,7 +264,13 @@ def _check(manager, args: argparse.Namespace) -> int:
     print(f"  record:   {info['files']['record']}")
     print(f"  issued:   {info['files']['issued_at']}")
     print(f"  mojito:   {info['files']['mojito']}")
-    return CHECK_EXIT[info["status"]]
+    return code
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    """Print a success line on stdout, unless ``-q``."""
+    if not args.quiet:
+        print(text)
 
 
 def _left(seconds: float) -> str:
@@ -156,20 +283,25 @@ def _get(manager, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _approval(manager, args: argparse.Namespace) -> int:
+    print(manager.get_approval_key())
+    return EXIT_OK
+
+
 def _refresh(manager, args: argparse.Namespace) -> int:
     before = manager.load_token()
     try:
         record = manager.refresh_token()
     except KISTokenError as exc:
-        kept = _kept_note(manager, before)
-        _error(args, f"{args.market} token renewal failed: {exc}{kept}")
-        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILED
+        message, code = describe_error(exc, manager)
+        _error(args, f"{args.market} token renewal failed: {message}{_kept_note(manager, before)}")
+        return code
     now = manager.now()
     if before is not None and before.access_token == record.access_token:
         what = "unchanged (the broker re-sends the same token within 6 h of issuing one)"
     else:
         what = "renewed"
-    print(f"{args.market} token {what}: {_summary(record, now)}")
+    _say(args, f"{args.market} token {what}: {_summary(record, now)}")
     return EXIT_OK
 
 
@@ -191,9 +323,9 @@ def _summary(record, now: float) -> str:
 def _delete(manager, args: argparse.Namespace) -> int:
     removed = manager.delete_token()
     if removed:
-        print(f"{args.market} token files removed: {', '.join(removed)}")
+        _say(args, f"{args.market} token files removed: {', '.join(removed)}")
     else:
-        print(f"no {args.market} token files to remove")
+        _say(args, f"no {args.market} token files to remove")
     return EXIT_OK
 
 
@@ -206,9 +338,10 @@ def _warmup(manager, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     now = manager.now()
     if renewed:
-        print(f"{args.market} token renewed for warm-up: {_summary(record, now)}")
+        _say(args, f"{args.market} token renewed for warm-up: {_summary(record, now)}")
     else:
-        print(
+        _say(
+            args,
             f"{args.market} token already valid for {format_duration(record.seconds_left(now))} "
             f"(needed {format_duration(horizon)}); nothing to do"
         )
@@ -217,7 +350,7 @@ def _warmup(manager, args: argparse.Namespace) -> int:
 
 def _revoke(manager, args: argparse.Namespace) -> int:
     removed = manager.revoke()
-    print(f"{args.market} token revoked at the broker; local files removed ({len(removed)})")
+    _say(args, f"{args.market} token revoked at the broker; local files removed ({len(removed)})")
     return EXIT_OK
 
 

@@ -1,8 +1,9 @@
 """End-to-end demo on the bundled sandbox: ``python -m common.demo``.
 
 No credentials and no network: it starts the local stand-in of the broker on 127.0.0.1, points both
-markets at it with demo keys and a temporary token directory, and runs the real CLI commands as a
-user would, printing what each one shows.
+markets at it with one demo app key (the common setup: one key serves both markets) and a temporary
+token directory, runs the real CLI commands as a user would, printing what each one shows, and
+makes authenticated calls from Python that survive the broker cutting the token short.
 """
 
 from __future__ import annotations
@@ -11,21 +12,24 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common.sandbox import Sandbox
 
-DEMO_APPS = {"DEMO-US-APP-KEY": "demo-us-secret", "DEMO-KR-APP-KEY": "demo-kr-secret"}
+DEMO_KEY, DEMO_SECRET = "DEMO-APP-KEY", "demo-secret"
+DEMO_APPS = {DEMO_KEY: DEMO_SECRET}
+QUOTE = "/uapi/overseas-price/v1/quotations/price"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _environment(base_url: str, token_dir: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KIS_")}
     env.update(
-        KIS_US_APP_KEY="DEMO-US-APP-KEY",
-        KIS_US_APP_SECRET="demo-us-secret",
-        KIS_KR_APP_KEY="DEMO-KR-APP-KEY",
-        KIS_KR_APP_SECRET="demo-kr-secret",
+        KIS_US_APP_KEY=DEMO_KEY,
+        KIS_US_APP_SECRET=DEMO_SECRET,
+        KIS_KR_APP_KEY=DEMO_KEY,
+        KIS_KR_APP_SECRET=DEMO_SECRET,
         KIS_BASE_URL=base_url,
         KIS_TOKEN_DIR=token_dir,
         KIS_DOTENV_PATH=os.devnull,
@@ -36,7 +40,8 @@ def _environment(base_url: str, token_dir: str) -> dict[str, str]:
 
 def _run(title: str, args: list[str], env: dict[str, str]) -> int:
     print(f"\n# {title}")
-    print("$ python -m " + " ".join(args))
+    shown = ["kis-token", *args[1:]] if args[0] == "common.console" else ["python", "-m", *args]
+    print("$ " + " ".join(shown))
     result = subprocess.run(
         [sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=120
     )
@@ -59,10 +64,14 @@ def main() -> int:
         steps = [
             ("No token yet: check says missing (exit 2, CRITICAL)", ["us.token_manager", "check"], env, 2),
             ("get issues a US token and prints it alone", ["us.token_manager", "get"], env, 0),
-            ("get issues the KR token, with the KR app key", ["kr.token_manager", "get"], env, 0),
+            ("KR uses the same app key: the same token, no request", ["kr.token_manager", "get"], env, 0),
             ("get again: served from the stored token, no request", ["us.token_manager", "get"], env, 0),
             ("check shows both markets (token masked)", ["us.token_manager", "check"], env, 0),
             ("", ["kr.token_manager", "check"], env, 0),
+            ("kis-token status: both markets in one table, the shared token marked",
+             ["common.console", "status"], env, 0),
+            ("The WebSocket approval key: issued once per app key, then served from its file",
+             ["us.token_manager", "approval"], env, 0),
             ("A forced refresh within the minute is held back; the valid token is kept",
              ["us.token_manager", "refresh"], env, 1),
             ("Another host with the same key asks the broker: EGW00133 (one a minute)",
@@ -73,20 +82,55 @@ def main() -> int:
             ("", ["kr.token_manager", "delete"], env, 0),
             ("After delete: missing again", ["us.token_manager", "check"], env, 2),
         ]
-        for title, args, step_env, want in steps:
+        tail = steps[-3:]
+        for title, args, step_env, want in steps[:-3]:
+            expected.append((_run(title or "(same for KR)", args, step_env), want))
+        expected.append((_trading_code(sandbox, env), 0))
+        for title, args, step_env, want in tail:
             expected.append((_run(title or "(same for KR)", args, step_env), want))
         counters = sandbox.counters()
         print("\n# What reached the broker (sandbox counters)")
-        for key in DEMO_APPS:
-            print(
-                f"  {key}: {counters['token_requests'].get(key, 0)} token requests, "
-                f"{counters['tokens_issued'].get(key, 0)} tokens issued, "
-                f"{counters['rate_limited'].get(key, 0)} refused with EGW00133"
-            )
+        print(
+            f"  {DEMO_KEY}: {counters['token_requests'].get(DEMO_KEY, 0)} token requests, "
+            f"{counters['tokens_issued'].get(DEMO_KEY, 0)} tokens issued, "
+            f"{counters['rate_limited'].get(DEMO_KEY, 0)} refused with EGW00133, "
+            f"{counters['approvals']} approval key(s)"
+        )
     surprises = [i for i, (got, want) in enumerate(expected) if got != want]
     print("\nDemo finished: every step behaved as expected." if not surprises else
           f"\nDemo finished with unexpected exit codes at steps {surprises}.")
     return 1 if surprises else 0
+
+
+def _trading_code(sandbox: Sandbox, env: dict[str, str]) -> int:
+    """Authenticated calls with ``requests`` that survive the broker cutting the token short."""
+    import logging
+
+    import requests
+
+    from common.auth import KISAuth
+    from common.settings import Settings
+    from us.token_manager import USTokenManager
+
+    print("\n# In trading code: requests with KISAuth, two minutes later (the demo moves both clocks)")
+    print("$ session.auth = KISAuth(USTokenManager()); session.get(base_url + QUOTE, ...)")
+    logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="  [log] %(message)s")
+    sandbox.set_offset(120)
+    manager = USTokenManager(Settings(env, dotenv_path=False), clock=lambda: time.time() + 120)
+    session = requests.Session()
+    session.auth, session.trust_env = KISAuth(manager), False
+    url, params = sandbox.base_url + QUOTE, {"EXCD": "NAS", "SYMB": "AAPL"}
+    first = session.get(url, params=params, timeout=10)
+    print(f"  first call: rt_cd={first.json()['rt_cd']} ({first.json()['msg1']})")
+    sandbox.expire_tokens()
+    print("  the broker cuts the token short: calls with it now answer EGW00123")
+    second = session.get(url, params=params, timeout=10)
+    rejected = [answer.json()["msg_cd"] for answer in second.history]
+    print(f"  next call: rt_cd={second.json()['rt_cd']} after {rejected} -> token renewed once, call resent")
+    sandbox.set_offset(0)
+    ok = first.json()["rt_cd"] == second.json()["rt_cd"] == "0" and rejected == ["EGW00123"]
+    print(f"  ({'as expected' if ok else 'NOT as expected'})")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

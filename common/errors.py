@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+#: ``msg_cd`` values of an ordinary API answer that mean "this token is not accepted": expired, and
+#: invalid or revoked. The broker sends them with HTTP 500, sometimes 200.
+REJECTED_TOKEN_CODES = frozenset({"EGW00123", "EGW00121"})
+
 
 class KISTokenError(Exception):
     """Base of every error this package raises on purpose.

@@ -5,6 +5,7 @@ In the token directory, per key (``<id>`` is :attr:`Credential.key_id`, e.g. ``r
 ``key-<id>.json``    the key's token record, shared by every market that uses the key
 ``key-<id>.lock``    the key's cross-process renewal lock (``flock``; never deleted)
 ``key-<id>.state``   the key's renewal memory: last request, outcome, counters (JSON)
+``key-<id>.approval.json|.lock|.state``   the same three for the key's WebSocket approval key
 
 and per market (the story's files, mirrors of the key's record for tools and mojito2):
 
@@ -130,12 +131,19 @@ class FileStateStore:
         write_file(self.path, json.dumps(state.to_dict(), indent=2))
 
 
-def key_store(directory: Path, key_id: str) -> KeyStore[TokenRecord]:
-    """The file pieces of one key's token store in ``directory``."""
+def key_store(directory: Path, key_id: str, kind: str = "token") -> KeyStore[Any]:
+    """The file pieces of one key's store of ``kind`` (``token`` or ``approval``) in ``directory``."""
+    from common.approval_kind import ApprovalRecord
+
+    suffix, parse, dump = {
+        "token": ("", TokenRecord.from_json, TokenRecord.to_json),
+        "approval": (".approval", ApprovalRecord.from_json, ApprovalRecord.to_json),
+    }[kind]
+    stem = directory / f"key-{key_id}{suffix}"
     return KeyStore(
-        FileRecordStore(directory / f"key-{key_id}.json", TokenRecord.from_json, TokenRecord.to_json),
-        FileRenewalLock(directory / f"key-{key_id}.lock"),
-        FileStateStore(directory / f"key-{key_id}.state"),
+        FileRecordStore(stem.with_name(stem.name + ".json"), parse, dump),
+        FileRenewalLock(stem.with_name(stem.name + ".lock")),
+        FileStateStore(stem.with_name(stem.name + ".state")),
     )
 
 

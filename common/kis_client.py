@@ -1,4 +1,5 @@
-"""HTTP to the broker's OAuth endpoints: build the request, read the answer, retry what is transient.
+"""HTTP to the broker's OAuth endpoints (token, revoke, WebSocket approval): build the request, read
+the answer, retry what is transient.
 
 Kept apart from the renewal policy (google-auth's ``_client.py`` shape). Importing this module
 imports ``requests`` and ``tenacity``; the policy imports it only when it must talk to the broker.
@@ -46,6 +47,7 @@ from common.errors import (
 
 TOKEN_PATH = "/oauth2/tokenP"
 REVOKE_PATH = "/oauth2/revokeP"
+APPROVAL_PATH = "/oauth2/Approval"
 
 MAX_ANSWER = 1 << 20
 
@@ -150,6 +152,30 @@ def revoke_token(
     data = _post_with_retries(base_url + REVOKE_PATH, body, sleep, session, timeouts)
     if str(data.get("code")) != "200":
         raise BadResponseError(f"revoke answered without success: {data.get('message')!r}")
+
+
+def issue_approval_key(
+    base_url: str,
+    app_key: str,
+    app_secret: str,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    session: requests.Session | None = None,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
+) -> str:
+    """Ask ``POST /oauth2/Approval`` for a WebSocket approval key (the secret goes as ``secretkey``).
+
+    Raises:
+        BrokerError: a refusal with a code (``CredentialsError`` for the key or secret).
+        TransientError: the broker could not be reached or answered garbage, after the retries.
+        BadResponseError: the answer is JSON without a usable ``approval_key``.
+    """
+    body = {"grant_type": "client_credentials", "appkey": app_key, "secretkey": app_secret}
+    data = _post_with_retries(base_url + APPROVAL_PATH, body, sleep, session, timeouts)
+    key = data.get("approval_key")
+    if not isinstance(key, str) or not key.strip() or any(c.isspace() for c in key) or len(key) > 512:
+        raise BadResponseError("approval answer has no usable approval_key")
+    return key
 
 
 def _post_with_retries(

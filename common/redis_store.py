@@ -9,6 +9,9 @@
 ``kis-token:v1:<id>:lock``    the renewal lock: a random owner value with a lease (``SET NX PX``)
 ``kis-token:v1:<id>:state``   the key's renewal memory, the JSON of ``key-<id>.state``
 
+and the same three under ``kis-token:v1:<id>:approval:`` for the key's WebSocket approval key
+(``key-<id>.approval.json|.lock|.state`` on the host).
+
 None of them holds an app key, a secret, or anything they could be recovered from (the record has
 a 16-hex-digit SHA-256 fingerprint of the key, as the files do). Another layout of these keys or
 their values would come under a new ``v<N>``.
@@ -61,9 +64,10 @@ R = TypeVar("R", bound=Expiring)
 _log = logging.getLogger(__name__)
 
 
-def key_names(key_id: str) -> dict[str, str]:
-    """The server's key names for one app key: ``record``, ``lock`` and ``state``."""
-    return {piece: f"{PREFIX}{key_id}:{piece}" for piece in ("record", "lock", "state")}
+def key_names(key_id: str, kind: str = "token") -> dict[str, str]:
+    """The server's key names for one app key's credential of ``kind``: ``record``, ``lock``, ``state``."""
+    stem = f"{PREFIX}{key_id}:" + ("" if kind == "token" else f"{kind}:")
+    return {piece: stem + piece for piece in ("record", "lock", "state")}
 
 
 # -- the three pieces on the server --------------------------------------------------------------------
@@ -402,29 +406,37 @@ class SharedStateStore:
         self.local.save(state)
 
 
-def shared_key_store(url: str, directory: Path, key_id: str, *, lease: float = LEASE,
-                     retry_interval: float = RETRY_INTERVAL) -> KeyStore[TokenRecord]:
-    """One key's token store on the server at ``url``, with the host's files in ``directory``.
+def shared_key_store(url: str, directory: Path, key_id: str, kind: str = "token", *, lease: float = LEASE,
+                     retry_interval: float = RETRY_INTERVAL) -> KeyStore[Any]:
+    """One key's store of ``kind`` on the server at ``url``, with the host's files in ``directory``.
 
     Args:
         url: the server (``KIS_TOKEN_STORE``).
         directory: the host's token directory (``KIS_TOKEN_DIR``).
         key_id: :attr:`Credential.key_id` of the key.
+        kind: ``token`` or ``approval``.
         lease: how long the renewal lock outlives a holder that died (tests pass a short one).
         retry_interval: how long the server rests after a failed call.
     """
     server = link(url, retry_interval)
-    files = file_store.key_store(directory, key_id)
-    names = key_names(key_id)
+    files = file_store.key_store(directory, key_id, kind)
+    names = key_names(key_id, kind)
     where = {piece: f"{server.url} {name}" for piece, name in names.items()}
-    record = RedisRecordStore(server.client, names["record"], TokenRecord.from_json, TokenRecord.to_json,
-                              where["record"])
+    record = RedisRecordStore(server.client, names["record"], *_codec(kind), where["record"])
     return KeyStore(
         SharedRecordStore(server, record, files.record),
         SharedRenewalLock(server, RedisRenewalLock(server.client, names["lock"], lease, where["lock"]),
                           files.lock),
         SharedStateStore(server, RedisStateStore(server.client, names["state"], where["state"]), files.state),
     )
+
+
+def _codec(kind: str) -> tuple[Callable[[str], Any], Callable[[Any], str]]:
+    if kind == "approval":
+        from common.approval_kind import ApprovalRecord
+
+        return ApprovalRecord.from_json, ApprovalRecord.to_json
+    return TokenRecord.from_json, TokenRecord.to_json
 
 
 def describe(store: KeyStore[Any]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ def token_info(manager: Any) -> dict[str, Any]:
             "message": state.last_message,
         }
     store, mirror = manager.store, manager.mirror
+    approval = manager.load_approval_key()
     return {
         "schema": SCHEMA,
         "market": manager.market,
@@ -48,6 +49,12 @@ def token_info(manager: Any) -> dict[str, Any]:
         "token": None if record is None else mask_token(record.access_token),
         "renewal_window_seconds": int(windows.advisory),
         "last_renewal": last,
+        "approval": None if approval is None else {
+            "key": mask_token(approval.approval_key),
+            "issued_at": to_kst_iso(approval.issued_at),
+            "age_seconds": int(now - approval.issued_at),
+            "valid": approval.seconds_left(now) > windows.expiry_margin,
+        },
         "store": store_select.describe(store),
         "files": {
             "record": str(mirror.record_path),

@@ -1,12 +1,15 @@
-"""Configuration: the process environment first, then a ``.env`` file (python-dotenv).
+"""Configuration: values passed in code first, then the process environment, then a ``.env`` file.
 
 Variables shared by both markets are read here; each market's own variable names live in its
-``config.py``. A missing or malformed value raises :class:`ConfigError` naming the variable.
+``config.py``. A missing or malformed value raises :class:`ConfigError` naming the variable and
+saying what to do.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,11 +20,16 @@ HOSTS = {
     "paper": "https://openapivts.koreainvestment.com:29443",
 }
 DEFAULT_ENVIRONMENT = "real"
+#: The broker's own words for the environments (its samples say ``prod`` and ``vps``).
+ENVIRONMENT_ALIASES = {"real": "real", "prod": "real", "paper": "paper", "vps": "paper", "mock": "paper"}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_LOG_LEVEL = "WARNING"
 
 ENV_VAR = "KIS_ENV"
 BASE_URL_VAR = "KIS_BASE_URL"
 TOKEN_DIR_VAR = "KIS_TOKEN_DIR"
 DOTENV_PATH_VAR = "KIS_DOTENV_PATH"
+LOG_LEVEL_VAR = "KIS_LOG_LEVEL"
 
 
 def default_token_dir(environ: Mapping[str, str], environment: str) -> Path:
@@ -38,31 +46,56 @@ def default_token_dir(environ: Mapping[str, str], environment: str) -> Path:
 
 
 class Settings:
-    """Reads configuration variables; the environment wins over ``.env``.
+    """Reads configuration variables: ``overrides`` win over the environment, which wins over ``.env``.
 
-    The ``.env`` file is ``$KIS_DOTENV_PATH`` if set, else ``.env`` in the current directory; it is
-    read (and python-dotenv imported) only when a variable is not in the environment.
+    The ``.env`` file is ``$KIS_DOTENV_PATH`` if set (it must exist), else ``.env`` in the current
+    directory (if there is one); it is read (and python-dotenv imported) only when a variable is
+    neither overridden nor in the environment.
 
     Args:
         environ: the variables to use instead of ``os.environ`` (tests pass a dict).
         dotenv_path: the ``.env`` file to fall back on; ``None`` picks the default described above,
             ``False`` turns the fallback off.
+        overrides: values given in code (``USTokenManager(app_key=...)``), by variable name; a
+            ``None`` value is ignored.
+
+    Raises:
+        ConfigError: ``KIS_DOTENV_PATH`` names a file that does not exist.
     """
 
     def __init__(
         self,
         environ: Mapping[str, str] | None = None,
         dotenv_path: str | os.PathLike[str] | bool | None = None,
+        overrides: Mapping[str, object] | None = None,
     ) -> None:
         self._environ = os.environ if environ is None else environ
+        self._overrides = {k: str(v) for k, v in (overrides or {}).items() if v is not None}
         if dotenv_path is None:
-            dotenv_path = self._environ.get(DOTENV_PATH_VAR) or ".env"
+            named = self._environ.get(DOTENV_PATH_VAR, "").strip()
+            if named and not os.path.exists(named):
+                raise ConfigError(
+                    f"{DOTENV_PATH_VAR} names {named}, which does not exist "
+                    f"(create that file, or unset {DOTENV_PATH_VAR} to read ./.env)"
+                )
+            dotenv_path = named or ".env"
         self._dotenv_path = None if dotenv_path is False else Path(dotenv_path)
         self._dotenv: Mapping[str, str | None] | None = None
 
+    def with_overrides(self, overrides: Mapping[str, object]) -> Settings:
+        """These settings with ``overrides`` on top (``None`` values ignored); ``self`` if there are none."""
+        values = {k: v for k, v in overrides.items() if v is not None}
+        if not values:
+            return self
+        layered = copy.copy(self)
+        layered._overrides = {**self._overrides, **{k: str(v) for k, v in values.items()}}
+        return layered
+
     def get(self, name: str) -> str | None:
         """The variable's value with surrounding blanks removed, or None if unset or empty."""
-        value = self._environ.get(name)
+        value = self._overrides.get(name)
+        if value is None:
+            value = self._environ.get(name)
         if value is None:
             value = self._dotenv_values().get(name)
         if value is None:
@@ -73,18 +106,32 @@ class Settings:
         """Like :meth:`get` but raise :class:`ConfigError` when the variable is unset."""
         value = self.get(name)
         if value is None:
-            raise ConfigError(f"{name} is not set (put it in the environment or in .env)")
+            where = ".env" if self._dotenv_path in (None, Path(".env")) else str(self._dotenv_path)
+            raise ConfigError(f"{name} is not set (put it in the environment or in {where})")
         if any(ch.isspace() or not ch.isprintable() for ch in value):
             raise ConfigError(f"{name} contains blanks or control characters")
         return value
 
     @property
     def environment(self) -> str:
-        """``real`` or ``paper`` (``KIS_ENV``; default ``real``)."""
-        value = (self.get(ENV_VAR) or DEFAULT_ENVIRONMENT).lower()
-        if value not in HOSTS:
-            raise ConfigError(f"{ENV_VAR} must be 'real' or 'paper', not {value!r}")
-        return value
+        """``real`` or ``paper`` (``KIS_ENV``, any case; ``prod`` = real, ``vps`` and ``mock`` = paper)."""
+        value = self.get(ENV_VAR) or DEFAULT_ENVIRONMENT
+        environment = ENVIRONMENT_ALIASES.get(value.lower())
+        if environment is None:
+            raise ConfigError(
+                f"{ENV_VAR} must be 'real' or 'paper' (the broker's 'prod', 'vps' and 'mock' also "
+                f"work), not {value!r}"
+            )
+        return environment
+
+    @property
+    def log_level(self) -> str:
+        """The CLI's log level name (``KIS_LOG_LEVEL``, any case; default ``WARNING``)."""
+        value = self.get(LOG_LEVEL_VAR) or DEFAULT_LOG_LEVEL
+        level = "WARNING" if value.upper() == "WARN" else value.upper()
+        if level not in LOG_LEVELS:
+            raise ConfigError(f"{LOG_LEVEL_VAR} must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+        return level
 
     def base_url(self, market_var: str) -> str:
         """The broker's base URL: ``market_var``, else ``KIS_BASE_URL``, else the host of ``KIS_ENV``."""
@@ -96,14 +143,18 @@ class Settings:
 
     @property
     def token_dir(self) -> Path:
-        """Where token files live (``KIS_TOKEN_DIR``, default :func:`default_token_dir`)."""
+        """Where token files live (``KIS_TOKEN_DIR``, default :func:`default_token_dir`).
+
+        Raises:
+            ConfigError: the path is relative, is not a directory, or this user cannot use it.
+        """
         value = self.get(TOKEN_DIR_VAR)
         if value is None:
-            return default_token_dir(self._environ, self.environment)
+            return _check_token_dir(default_token_dir(self._environ, self.environment), "the default")
         path = Path(value).expanduser()
         if not path.is_absolute():
             raise ConfigError(f"{TOKEN_DIR_VAR} must be an absolute path, not {value!r}")
-        return path
+        return _check_token_dir(path, "it")
 
     def _dotenv_values(self) -> Mapping[str, str | None]:
         if self._dotenv is None:
@@ -114,8 +165,42 @@ class Settings:
                 try:
                     self._dotenv = dotenv_values(self._dotenv_path)
                 except (OSError, UnicodeDecodeError) as exc:
-                    raise ConfigError(f"cannot read {self._dotenv_path}: {exc}") from None
+                    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                    raise ConfigError(
+                        f"cannot read the .env file {self._dotenv_path}: {reason} (fix the file, or "
+                        f"point {DOTENV_PATH_VAR} at another one)"
+                    ) from None
         return self._dotenv
+
+
+def _check_token_dir(path: Path, what: str) -> Path:
+    """``path`` if it is (or can become) a directory this user can use; else a :class:`ConfigError`.
+
+    One ``stat`` when the directory exists. Write access is not required of an existing directory:
+    a monitoring user may only read it.
+    """
+    fix = f"set {TOKEN_DIR_VAR} to a directory this user can use"
+    existing = path
+    while True:
+        try:
+            is_dir = stat.S_ISDIR(os.stat(existing).st_mode)
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            if existing == existing.parent:
+                raise ConfigError(f"{TOKEN_DIR_VAR}: no part of {path} exists; {fix}") from None
+            existing = existing.parent
+        except OSError as exc:
+            raise ConfigError(
+                f"{TOKEN_DIR_VAR}: cannot use {existing}: {exc.strerror or exc} ({what} is {path}); {fix}"
+            ) from None
+    if not is_dir:
+        raise ConfigError(f"{TOKEN_DIR_VAR}: {existing} is not a directory ({what} is {path}); {fix}")
+    if existing == path:
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ConfigError(f"{TOKEN_DIR_VAR}: this user cannot read {path}; {fix}")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{TOKEN_DIR_VAR}: this user cannot create {path} (in {existing}); {fix}")
+    return path
 
 
 def _check_url(name: str, value: str) -> str:

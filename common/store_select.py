@@ -6,23 +6,23 @@ from __future__ import annotations
 from typing import Any
 
 from common import file_store
-from common.record import TokenRecord
 from common.settings import Settings, token_store_url
 from common.store import KeyStore
 
 
-def key_store(settings: Settings, key_id: str) -> KeyStore[TokenRecord]:
-    """The store of key ``key_id`` that ``KIS_TOKEN_STORE`` selects.
+def key_store(settings: Settings, key_id: str, kind: str = "token") -> KeyStore[Any]:
+    """The store of key ``key_id``'s credential of ``kind`` (``token`` or ``approval``) that
+    ``KIS_TOKEN_STORE`` selects.
 
     Raises:
         ConfigError: ``KIS_TOKEN_STORE`` is neither ``file`` nor a usable URL.
     """
     url = token_store_url(settings)
     if url is None:
-        return file_store.key_store(settings.token_dir, key_id)
+        return file_store.key_store(settings.token_dir, key_id, kind)
     from common import redis_store
 
-    return redis_store.shared_key_store(url, settings.token_dir, key_id)
+    return redis_store.shared_key_store(url, settings.token_dir, key_id, kind)
 
 
 def describe(store: KeyStore[Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ class TokenKind:
     def __init__(self, manager: Any, credential: Credential) -> None:
         self.manager = manager
         self.credential = credential
-        self.mirror = MarketMirror(manager.settings.token_dir, manager.get_token_file_prefix())
+        self.files = MarketMirror(manager.settings.token_dir, manager.get_token_file_prefix())
 
     def accept(self, record: TokenRecord) -> str | None:
         """Why a stored record is not this key's token (None: it is)."""
@@ -71,12 +71,12 @@ class TokenKind:
 
     def holds(self, record: TokenRecord) -> bool:
         """True if this market's story files already show the key's ``record``."""
-        return self.mirror.holds(record._replace(market=self.manager.market))
+        return self.files.holds(record._replace(market=self.manager.market))
 
     def write(self, record: TokenRecord) -> None:
         """Write this market's story files for the key's ``record``."""
-        self.mirror.write(record._replace(market=self.manager.market), self.credential.key_id)
+        self.files.write(record._replace(market=self.manager.market), self.credential.key_id)
 
     def legacy(self) -> TokenRecord | None:
         """The market's own record written by version 0.1, to adopt as the key's record."""
-        return self.mirror.load_legacy()
+        return self.files.load_legacy()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +15,7 @@ from common.settings import Settings
 from kr.token_manager import KRTokenManager
 from us.token_manager import USTokenManager
 
+REPO = Path(__file__).resolve().parent.parent
 REAL_HOST = "https://openapi.koreainvestment.com:9443"
 PAPER_HOST = "https://openapivts.koreainvestment.com:29443"
 TOKEN_URL = REAL_HOST + "/oauth2/tokenP"
@@ -116,6 +120,30 @@ def us(make_manager) -> USTokenManager:
 @pytest.fixture
 def kr(make_manager) -> KRTokenManager:
     return make_manager(KRTokenManager)
+
+
+def spawn(args: list[str], environ: dict[str, str]) -> subprocess.Popen:
+    """``python -m ARGS...`` in the checkout, with pipes for stdout and stderr."""
+    return subprocess.Popen([sys.executable, "-m", *args], env=environ, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(processes: list[subprocess.Popen], timeout: float = 60) -> list[tuple[int, str, str]]:
+    """Wait for each process (at most ``timeout`` s, then kill it); return (exit, stdout, stderr) of each."""
+    results = []
+    for process in processes:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+        results.append((process.returncode, out, err))
+    return results
+
+
+def run_together(commands: list[list[str]], environ: dict[str, str]) -> list[tuple[int, str, str]]:
+    """Start ``python -m COMMAND...`` for every command at once and :func:`finish` them."""
+    return finish([spawn(command, environ) for command in commands])
 
 
 class SandboxProcess:

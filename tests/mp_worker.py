@@ -36,6 +36,7 @@ def watch(seconds: float) -> None:
 def renew_forever(environ: dict[str, str], ready) -> None:
     """Force renewals back to back (no one-a-minute pause) until killed."""
     manager = USTokenManager(Settings(environ, dotenv_path=False), windows=Windows(min_request_interval=0.0))
+    manager.refresh_token()  # one renewal done (and every import made) before the kill may come
     ready.set()
     while True:
         manager.refresh_token()

@@ -15,7 +15,17 @@ import responses
 from common.record import TokenRecord
 from common.settings import Settings
 from kr.token_manager import KRTokenManager
-from tests.conftest import DAY, KR_KEY, KR_SECRET, TOKEN_URL, US_KEY, US_SECRET, fake_token, token_answer
+from tests.conftest import (
+    DAY,
+    KR_KEY,
+    KR_SECRET,
+    TOKEN_URL,
+    US_KEY,
+    US_SECRET,
+    fake_token,
+    run_together,
+    token_answer,
+)
 from us.token_manager import USTokenManager
 
 REPO = Path(__file__).resolve().parent.parent
@@ -184,19 +194,8 @@ def test_one_key_cli_us_get_then_kr_get_then_kr_refresh_then_us_get(one_key_proc
 
 def test_one_key_eight_plus_eight_processes_from_cold_cost_one_request(one_key_procs, sandbox_process):
     sandbox_process.control("faults", {"mode": "slow", "delay": 0.5, "count": 1})  # widen the race
-    processes = [
-        subprocess.Popen([sys.executable, "-m", f"{market}.token_manager", "get"], env=one_key_procs,
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(8) for market in ("us", "kr")
-    ]
-    results = []
-    for process in processes:
-        try:
-            out, err = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, err = process.communicate()
-        results.append((process.returncode, out, err))
+    results = run_together([[f"{market}.token_manager", "get"] for _ in range(8) for market in ("us", "kr")],
+                           one_key_procs)
     assert all(code == 0 for code, _, _ in results), [err for _, _, err in results]
     assert len({out for _, out, _ in results}) == 1
     assert sandbox_process.counters()["token_requests"] == {US_KEY: 1}

@@ -369,7 +369,7 @@ def test_cli_does_not_import_mojito_or_pandas(tmp_path, market):
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(tmp_path / "home"),
         "KIS_TOKEN_DIR": str(tmp_path / "tokens"),
-        "KIS_DOTENV_PATH": str(tmp_path / "none.env"),
+        "KIS_DOTENV_PATH": os.devnull,
         "KIS_US_APP_KEY": US_KEY, "KIS_US_APP_SECRET": US_SECRET,
         "KIS_KR_APP_KEY": KR_KEY, "KIS_KR_APP_SECRET": KR_SECRET,
     }

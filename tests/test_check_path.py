@@ -52,3 +52,4 @@ def test_check_imports_nothing_heavy(tmp_path, market, with_token):
     code, names = imported_by_check(environ, market)
     assert code == (0 if with_token else 2)
     assert {name for name in names if name.split(".")[0] in HEAVY} == set()
+    assert "asyncio" not in names  # ~50 ms: only code that awaits pays for it

@@ -89,7 +89,7 @@ def test_get_prints_only_the_token(us, clock, capsys):
 @responses.activate
 def test_get_failure_is_one_line_on_stderr(us, capsys):
     responses.post(TOKEN_URL, status=403, json=refusal("EGW00105", "유효하지 않은 AppSecret입니다."))
-    assert run(us, "get") == 1
+    assert run(us, "get") == 3  # a refused secret is a configuration error
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1 and "EGW00105" in err and err.startswith("python -m us.token_manager: error:")
@@ -188,7 +188,7 @@ def closed_port() -> int:
 @pytest.fixture
 def cli_env(env, tmp_path):
     unreachable = f"http://127.0.0.1:{closed_port()}"
-    return {**env, "KIS_BASE_URL": unreachable, "KIS_DOTENV_PATH": str(tmp_path / "none")}
+    return {**env, "KIS_BASE_URL": unreachable, "KIS_DOTENV_PATH": os.devnull}
 
 
 def test_python_m_check_and_delete_for_both_markets(cli_env, make_manager, clock):
@@ -222,6 +222,9 @@ def test_python_m_missing_credentials_and_bad_setting(tmp_path):
     assert result.stderr.count("\n") == 1
     result = cli("us.token_manager", "check", env={**base, "KIS_US_APP_KEY": US_KEY,
                                                     "KIS_US_APP_SECRET": US_SECRET, "KIS_ENV": "prod"})
+    assert result.returncode == 2 and "US token (real): missing" in result.stdout  # prod = real
+    result = cli("us.token_manager", "check", env={**base, "KIS_US_APP_KEY": US_KEY,
+                                                    "KIS_US_APP_SECRET": US_SECRET, "KIS_ENV": "live"})
     assert result.returncode == 3 and "KIS_ENV must be 'real' or 'paper'" in result.stderr
 
 

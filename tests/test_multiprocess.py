@@ -16,7 +16,7 @@ import pytest
 from common.record import TokenRecord
 from common.settings import Settings
 from kr.token_manager import KRTokenManager
-from tests.conftest import KR_KEY, US_KEY, fake_token
+from tests.conftest import KR_KEY, US_KEY, fake_token, finish, spawn
 from us.token_manager import USTokenManager
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,23 +32,6 @@ def proc_env(env, sandbox_process, tmp_path):
         "KIS_BASE_URL": sandbox_process.base_url,
         **env,
     }
-
-
-def spawn(args: list[str], environ: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], env=environ, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(processes: list[subprocess.Popen], timeout: float = 60) -> list[tuple[int, str, str]]:
-    results = []
-    for process in processes:
-        try:
-            out, err = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, err = process.communicate()
-        results.append((process.returncode, out, err))
-    return results
 
 
 def test_sixteen_processes_per_market_from_cold_cost_one_request_per_market(proc_env, sandbox_process):
@@ -119,7 +102,7 @@ def test_processes_killed_at_random_instants_never_leave_a_broken_record(env, sa
             pass
     record = checker.load_token()
     assert kills == 40 and record is not None and record.access_token.startswith("sbx-")
-    assert sandbox_process.counters()["tokens_issued"][US_KEY] > 5  # renewals really ran
+    assert sandbox_process.counters()["tokens_issued"][US_KEY] >= 40  # each worker renewed, then was killed
 
 
 def _renew_forever(environ, ready):

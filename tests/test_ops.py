@@ -380,6 +380,7 @@ def assert_check_schema(info: dict[str, Any]) -> None:
     optional_str = (str, type(None))
     assert set(info) == {
         "schema", "market", "environment", "key_fingerprint", "status", "present", "valid", "issued_at",
+        "approval",
         "expires_at", "seconds_left", "token", "renewal_window_seconds", "last_renewal", "files", "store",
     }
     assert info["schema"] == 1
@@ -397,6 +398,10 @@ def assert_check_schema(info: dict[str, Any]) -> None:
         assert set(last) == {"outcome", "at", "code", "message"}
         assert isinstance(last["outcome"], str) and isinstance(last["at"], str)
         assert isinstance(last["code"], optional_str) and isinstance(last["message"], optional_str)
+    approval = info["approval"]
+    if approval is not None:
+        assert set(approval) == {"key", "issued_at", "age_seconds", "valid"}
+        assert "..." in approval["key"] and type(approval["age_seconds"]) is int
     assert isinstance(info["files"], dict)
     assert {"record", "issued_at", "mojito", "key_record", "state", "lock"} <= set(info["files"])
     assert all(isinstance(path, str) for path in info["files"].values())
@@ -447,7 +452,11 @@ def test_check_with_a_missing_key_is_a_configuration_error(make_manager, env, cl
     environ = {k: v for k, v in env.items() if k != "KIS_US_APP_KEY"}
     assert cli(make_manager(USTokenManager, environ), *argv) == 3
     captured = capsys.readouterr()
-    assert captured.out == ""
+    if "--json" in argv:  # one JSON object even then (SPEC §5)
+        assert json.loads(captured.out)["status"] == "unknown"
+        assert "KIS_US_APP_KEY" in json.loads(captured.out)["error"]
+    else:
+        assert captured.out == ""
     assert "KIS_US_APP_KEY" in one_line(captured.err)
 
 
@@ -463,7 +472,7 @@ def test_check_with_a_missing_key_and_no_token_is_a_configuration_error(make_man
 def test_check_with_a_malformed_setting_is_a_configuration_error(make_manager, env, capsys, name, bad):
     assert cli(make_manager(USTokenManager, {**env, name: bad}), "check", "--json") == 3
     captured = capsys.readouterr()
-    assert captured.out == "" and name in one_line(captured.err)
+    assert name in json.loads(captured.out)["error"] and name in one_line(captured.err)
 
 
 def test_check_human_output_masks_the_token(us, clock, capsys, caplog):

@@ -252,6 +252,22 @@ def test_delete_on_one_host_is_not_undone_by_another(host, server, clock, tmp_pa
         assert len(mock.calls) == 2
 
 
+def test_the_approval_key_is_shared_by_the_hosts_too(host, env, server, clock, tmp_path):
+    approval = "a1b2c3d4-0000-4000-8000-approvalkey01"
+    one_key = {**env, "KIS_KR_APP_KEY": US_KEY, "KIS_KR_APP_SECRET": US_SECRET}
+    with responses.RequestsMock() as mock:
+        mock.post(REAL_HOST + "/oauth2/Approval", json={"approval_key": approval})
+        assert host("a").get_approval_key() == approval
+        assert host("b", KRTokenManager, one_key).get_approval_key() == approval
+        assert len(mock.calls) == 1
+    key_id = Credential.of("real", REAL_HOST, US_KEY).key_id
+    names = redis_store.key_names(key_id, "approval")
+    assert names["record"] == f"kis-token:v1:{key_id}:approval:record"
+    stored = server.dump()[names["record"].encode()].decode()
+    assert approval in stored and US_KEY not in stored and US_SECRET not in stored
+    assert approval in (tmp_path / "b" / f"key-{key_id}.approval.json").read_text()  # host B's copy
+
+
 def test_store_holds_no_app_key_or_secret(host, env, server, clock):
     keys = {
         "KIS_US_APP_KEY": "PS" + secrets.token_urlsafe(26)[:34],

@@ -36,7 +36,7 @@ def test_malformed_base_url_names_the_variable(value):
 
 def test_unknown_environment_names_the_variable():
     with pytest.raises(ConfigError, match="^KIS_ENV must be 'real' or 'paper'"):
-        manager(KIS_ENV="prod").get_api_url()
+        manager(KIS_ENV="live").get_api_url()
 
 
 def test_missing_credentials_name_the_variable():

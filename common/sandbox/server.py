@@ -11,6 +11,7 @@ Knobs live under ``/sandbox/`` (JSON in and out)::
     DELETE /sandbox/faults            drop queued faults
     GET    /sandbox/clock             {"offset", "now"}
     POST   /sandbox/clock             {"offset": seconds} set the clock offset
+    POST   /sandbox/expire            let every token issued so far expire now (EGW00123)
     POST   /sandbox/reset             forget tokens, counters, faults, rate limits, offset
     GET    /sandbox/config            {"rate_limit", "token_lifetime", "same_token_window"}
     POST   /sandbox/config            change any of those
@@ -310,6 +311,15 @@ class Sandbox:
                 self.same_token_window = _number(same_token_window, "same_token_window")
             return self._config()
 
+    def expire_tokens(self) -> int:
+        """Let every token issued so far expire now, as if the broker had cut it short (protected
+        calls then answer ``EGW00123``, and the next token request issues a new one); return how many."""
+        with self._lock:
+            now = self.now()
+            for token in self._tokens.values():
+                token.expires = min(token.expires, now)
+            return len(self._tokens)
+
     def reset(self) -> None:
         """Forget tokens, counters, faults, rate-limit memory and the clock offset."""
         with self._lock:
@@ -446,6 +456,8 @@ class Sandbox:
                 self.set_offset(body.get("offset"))
             if path == "/sandbox/clock" and method in ("GET", "POST"):
                 return 200, {"offset": self._offset, "now": self.now()}
+            if (method, path) == ("POST", "/sandbox/expire"):
+                return 200, {"expired": self.expire_tokens()}
             if (method, path) == ("POST", "/sandbox/reset"):
                 self.reset()
                 return 200, {"ok": True}
