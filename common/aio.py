@@ -46,3 +46,36 @@ class SingleFlight:
         with self._guard:
             if self._flights.get(key) is task:
                 del self._flights[key]
+
+
+class AsyncMethods:
+    """The asyncio entry points of a token manager: the sync contract, with the loop never waiting.
+
+    A fresh token is served without leaving the loop; anything else (the lock wait, the broker's
+    round trip) runs in a worker thread, one per burst of callers.
+    """
+
+    _flights: SingleFlight | None = None
+
+    def _single_flight(self) -> SingleFlight:
+        if self._flights is None:
+            self._flights = SingleFlight()
+        return self._flights
+
+    async def get_valid_token_async(self) -> str:
+        """:meth:`get_valid_token`, off the loop: a thousand tasks from cold cost one request."""
+        built = self._built  # type: ignore[attr-defined]
+        if built is not None:
+            record, fresh_until, since = built[0].snapshot
+            if since <= self.now() < fresh_until:  # type: ignore[attr-defined]
+                return record.access_token
+        return await self._single_flight().run("token", self.get_valid_token)  # type: ignore[attr-defined]
+
+    async def get_approval_key_async(self) -> str:
+        """:meth:`get_approval_key`, off the loop."""
+        return await self._single_flight().run("approval", self.get_approval_key)  # type: ignore[attr-defined]
+
+    async def replace_rejected_token_async(self, rejected: str) -> str:
+        """:meth:`replace_rejected_token`, off the loop (one call per burst of the same rejection)."""
+        replace = self.replace_rejected_token  # type: ignore[attr-defined]
+        return await self._single_flight().run(("replace", rejected), replace, rejected)

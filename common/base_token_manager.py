@@ -18,7 +18,7 @@ from typing import Any
 
 from common import clock as clock_module
 from common import file_store, outcomes, store_select
-from common.aio import SingleFlight
+from common.aio import AsyncMethods
 from common.approval_kind import ApprovalKind, ApprovalRecord
 from common.engine import RenewalEngine
 from common.errors import TokenUnavailableError
@@ -32,8 +32,10 @@ from common.token_kind import TokenKind
 ALERT_WEBHOOK_VAR = "KIS_ALERT_WEBHOOK_URL"
 
 
-class BaseTokenManager(abc.ABC):
+class BaseTokenManager(AsyncMethods, abc.ABC):
     """Keeps one market's token valid: cached in memory, shared per app key, renewed ahead of expiry.
+
+    The asyncio methods (``get_valid_token_async`` ...) come from :class:`common.aio.AsyncMethods`.
 
     Args:
         settings: configuration source (default: the environment, then ``.env``).
@@ -79,7 +81,6 @@ class BaseTokenManager(abc.ABC):
         self._windows, self._jitter, self._key_store = windows or Windows(), jitter, store
         self._built: tuple[RenewalEngine[TokenRecord], TokenKind] | None = None
         self._approval: RenewalEngine[ApprovalRecord] | None = None
-        self._flights = SingleFlight()
 
     # -- market hooks -------------------------------------------------------------------------
 
@@ -153,6 +154,7 @@ class BaseTokenManager(abc.ABC):
             jitter = int(credential.key_fingerprint[-6:], 16) % int(ADVISORY_JITTER)
         store = extra.pop("store", None) or store_select.key_store(self.settings, credential.key_id,
                                                                     kind_name)
+        webhook = self.settings.get(ALERT_WEBHOOK_VAR) if kind_name == "token" else None  # alerts: tokens
         return RenewalEngine(
             name=f"{self.market} {kind_name.replace('approval', 'approval key')}",
             store=store,
@@ -160,7 +162,7 @@ class BaseTokenManager(abc.ABC):
             accept=kind.accept,
             windows=self._windows._replace(advisory=self._windows.advisory + jitter),
             clock=self.now,
-            observers=outcomes.observers(self.settings.get(ALERT_WEBHOOK_VAR), self.market, self.environment),
+            observers=outcomes.observers(webhook, self.market, self.environment),
             **extra,
         )
 
@@ -228,25 +230,6 @@ class BaseTokenManager(abc.ABC):
     def load_approval_key(self) -> ApprovalRecord | None:
         """The key's stored approval key record, or None (no request)."""
         return self._approval_engine().current()
-
-    # -- asyncio --------------------------------------------------------------------------------
-
-    async def get_valid_token_async(self) -> str:
-        """:meth:`get_valid_token` for asyncio code: the loop never waits on a renewal (it runs in a
-        worker thread, one per burst of callers)."""
-        if self._built is not None:
-            record, fresh_until, since = self._built[0].snapshot
-            if since <= self.now() < fresh_until:
-                return record.access_token  # type: ignore[union-attr]
-        return await self._flights.run("token", self.get_valid_token)
-
-    async def get_approval_key_async(self) -> str:
-        """:meth:`get_approval_key` for asyncio code, off the loop."""
-        return await self._flights.run("approval", self.get_approval_key)
-
-    async def replace_rejected_token_async(self, rejected: str) -> str:
-        """:meth:`replace_rejected_token` for asyncio code, off the loop (one call per burst)."""
-        return await self._flights.run(("replace", rejected), self.replace_rejected_token, rejected)
 
     # -- operations ---------------------------------------------------------------------------
 

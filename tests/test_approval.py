@@ -132,3 +132,12 @@ def test_one_key_in_both_markets_processes_share_one_approval_key(env, sandbox_p
     assert all(code == 0 for code, _, _ in results), [err for _, _, err in results]
     assert len({out for _, out, _ in results}) == 1
     assert sandbox_process.counters()["approvals"] == 1
+
+
+def test_kis_token_us_approval_prints_the_key_alone_and_check_masks_it(env, sandbox_process):
+    environ = _environ(env, sandbox_process)
+    ((code, out, err),) = run_together([["common.console", "us", "approval"]], environ)
+    assert code == 0 and err == "" and out.count("\n") == 1
+    key = out.strip()
+    ((code, out, err),) = run_together([["common.console", "us", "check"]], environ)
+    assert mask_token(key) in out and key not in out and key not in err
