@@ -72,7 +72,12 @@ class AsyncMethods:
         return await self._single_flight().run("token", self.get_valid_token)  # type: ignore[attr-defined]
 
     async def get_approval_key_async(self) -> str:
-        """:meth:`get_approval_key`, off the loop."""
+        """:meth:`get_approval_key`, off the loop (a fresh one without leaving it)."""
+        engine = self._approval  # type: ignore[attr-defined]
+        if engine is not None:
+            record, fresh_until, since = engine.snapshot
+            if since <= self.now() < fresh_until:  # type: ignore[attr-defined]
+                return record.approval_key
         return await self._single_flight().run("approval", self.get_approval_key)  # type: ignore[attr-defined]
 
     async def replace_rejected_token_async(self, rejected: str) -> str:

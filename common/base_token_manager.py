@@ -280,7 +280,7 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
             KISTokenError: the broker refused or could not be reached; local files are kept.
         """
         engine, kind = self._wired()
-        with engine.store.lock.hold(engine.windows.lock_wait):
+        with engine.hold(engine.windows.lock_wait):
             record = engine.current()
             if record is None:
                 raise TokenUnavailableError(f"no {self.market} token to revoke")

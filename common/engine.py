@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from common.errors import (
@@ -166,11 +166,12 @@ class RenewalEngine(Generic[R]):
         except KISTokenError as exc:
             now = self._clock()
             current = self.snapshot[0]
-            pause = (
-                self.windows.mandatory_lock_wait
-                if isinstance(exc, LockTimeoutError)
-                else self.windows.min_request_interval
-            )
+            if isinstance(exc, RequestHeldBackError):
+                pause = exc.retry_in
+            elif isinstance(exc, LockTimeoutError):
+                pause = self.windows.mandatory_lock_wait
+            else:
+                pause = self.windows.min_request_interval
             self.backoff = Backoff(now, now + pause, exc)
             if current is not None and current.seconds_left(now) > self.windows.expiry_margin:
                 self._log_kept(current, exc, now)
@@ -201,7 +202,7 @@ class RenewalEngine(Generic[R]):
             LockTimeoutError: the lock was not had within ``lock_wait``.
             KISTokenError: the broker refused or could not be reached (the held credential is kept).
         """
-        with self._mutex, self.store.lock.hold(lock_wait):
+        with self.hold(lock_wait):
             self._sync(force=True, locked=True)
             current = self.snapshot[0]
             now = self._clock()
@@ -221,24 +222,45 @@ class RenewalEngine(Generic[R]):
             except KISTokenError as exc:
                 self._observe(state, Outcome("failed", self._clock(), None, str(exc), left))
                 raise
-            record = self.put(record, locked=True)
+            try:
+                record = self.put(record, locked=True)
+            except StoreError as exc:  # the broker issued it (and texted the user): never drop it
+                _log.error("cannot store the new %s (%s); serving it from memory", self.name, exc)
+                self._set(record, self._clock())
             same = current is not None and record == current
             self.backoff = NO_BACKOFF
             kind = "same_token" if same else "renewed"
             self._observe(state, Outcome(kind, self._clock(), seconds_left=left))
             return record
 
+    @contextlib.contextmanager
+    def hold(self, lock_wait: float) -> Iterator[None]:
+        """Hold this process's mutex and the key's lock, in the order every renewal takes them."""
+        with self._mutex, self.store.lock.hold(lock_wait):
+            yield
+
     def _hold_back_if_too_soon(self, state: RenewalState, now: float, left: float | None) -> None:
+        """Refuse to send a request within ``min_request_interval`` of the key's last one.
+
+        A last request "in the future" means the clock stepped back: how long ago it really was is
+        unknown, so the request is held back for one interval from now (and the memory re-stamped).
+        """
         last = state.last_request_at
         interval = self.windows.min_request_interval
-        if last is None or abs(now - last) >= interval:  # abs: a clock stepped back
+        if last is None or now - last >= interval:
             return
+        if now < last:
+            state.last_request_at = last = now
+            ago = "just now (the clock stepped back)"
+        else:
+            ago = f"{now - last:.0f} s ago"
+        retry_in = last + interval - now
         message = (
-            f"a {self.name} was requested {abs(now - last):.0f} s ago for this app key; the broker "
-            f"allows one a minute (next request possible in {max(0.0, last + interval - now):.0f} s)"
+            f"a {self.name} was requested {ago} for this app key; the broker allows one a minute "
+            f"(next request possible in {retry_in:.0f} s)"
         )
         self._observe(state, Outcome("held_back", now, "LOCAL", message, left))
-        raise RequestHeldBackError(message)
+        raise RequestHeldBackError(message, retry_in)
 
     def _observe(self, state: RenewalState, outcome: Outcome) -> None:
         for observer in self._observers:
@@ -270,9 +292,16 @@ class RenewalEngine(Generic[R]):
         return record
 
     def forget(self) -> list[str]:
-        """Remove the stored record and the one in memory; return what was removed."""
-        with self._mutex:
+        """Remove the stored record and the one in memory; return what was removed.
+
+        Files an older version left are closed too, so that the deleted token never comes back.
+        """
+        with self.hold(self.windows.lock_wait):
             removed = self.store.record.delete()
+            state = self.load_state()
+            if not state.legacy_closed:
+                state.legacy_closed = True
+                self.store.state.save(state)
             self._signature = None
             self._set(None, self._clock())
             return removed
@@ -323,21 +352,29 @@ class RenewalEngine(Generic[R]):
         return record, True
 
     def _adopt_legacy(self, locked: bool) -> R | None:
-        """Take up a record an older version left, writing it as the key's record under the lock."""
-        if self._legacy is None:
+        """Take up a record an older version left, writing it as the key's record under the lock.
+
+        Once one was taken up, or the key's token deleted, left-over files are never looked at again.
+        """
+        if self._legacy is None or self.load_state().legacy_closed:
             return None
         try:
             record = self._legacy()
         except (CorruptRecordError, StoreError) as exc:
             _log.warning("ignoring the stored %s: %s", self.name, exc)
             return None
-        if record is None or self._accept(record) is not None:
+        if record is None or record.seconds_left(self._clock()) <= self.windows.expiry_margin:
             return None
         try:
-            with self.store.lock.hold(0 if not locked else self.windows.lock_wait):
+            with self.store.lock.hold(self.windows.lock_wait if locked else 0):
+                state = self.load_state()
+                if state.legacy_closed:
+                    return None
                 if self.store.record.load() is None:
                     self.store.record.save(record)
                     _log.info("adopted the %s left by an older version", self.name)
+                state.legacy_closed = True
+                self.store.state.save(state)
         except (KISTokenError, CorruptRecordError):
             pass  # another process is on it; serve what we read
         return record

@@ -47,9 +47,11 @@ class RateLimitedError(BrokerError):
 class RequestHeldBackError(RateLimitedError):
     """This host asked less than a minute ago, so the request was not sent at all."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_in: float = 0.0) -> None:
         super().__init__("LOCAL", message)
         self.args = (f"not asking the broker: {message}",)
+        #: seconds until a request may be sent again
+        self.retry_in = retry_in
 
     def __str__(self) -> str:
         return self.args[0]
@@ -63,6 +65,12 @@ class TransientError(KISTokenError):
     """The broker could not be reached or gave an unusable answer (network, 5xx, HTML, truncated)."""
 
     retryable = True
+
+
+class AnswerLostError(KISTokenError):
+    """The broker accepted a request but its answer did not arrive in time. It may have issued a
+    token (and texted the user), and it refuses a second request within the minute, so this is not
+    retried at once; within 6 h of an issuance the next request gets the same token back."""
 
 
 class BadResponseError(KISTokenError):

@@ -159,14 +159,15 @@ class MarketMirror:
         self.issued_at_path = directory / f"{prefix}token_issued_at.dat"
         self.mojito_path = directory / f"{prefix}krs_token.dat"
 
-    def holds(self, record: TokenRecord) -> bool:
-        """True if the mirror already shows ``record`` (so nothing needs writing)."""
+    def holds(self, record: TokenRecord, key_id: str) -> bool:
+        """True if the mirror already shows ``record`` as the mirror of key ``key_id``."""
         try:
             text = read_text(self.record_path)
             mirrored = None if text is None else TokenRecord.from_json(text)
-        except (CorruptRecordError, StoreError):
+            marked = text is not None and json.loads(text).get("mirror_of") == key_id
+        except (CorruptRecordError, StoreError, ValueError, AttributeError):
             return False
-        return mirrored is not None and mirrored._replace(market=record.market) == record
+        return marked and mirrored._replace(market=record.market) == record  # type: ignore[union-attr]
 
     def write(self, record: TokenRecord, key_id: str) -> None:
         """Write the three files for ``record`` (whose ``market`` is this market's)."""

@@ -37,6 +37,7 @@ from tenacity import (
 
 from common.clock import parse_kst
 from common.errors import (
+    AnswerLostError,
     BadResponseError,
     BrokerError,
     CredentialsError,
@@ -214,51 +215,79 @@ def _post_once(
     """One attempt, cut off at its wall-clock deadline wherever it is (connect, headers or body).
 
     The exchange runs in a daemon thread so that even a broker dripping its headers cannot hold the
-    caller past the deadline; the thread itself stops reading a dripping body at the deadline.
+    caller past the deadline. An answer whose status line said success may carry a token the broker
+    has already issued (and texted the user about), and a second request within the minute would be
+    refused: such an answer is read until the whole budget is spent, and if it still does not arrive
+    the attempt is not retried (:class:`AnswerLostError`).
     """
-    limit = max(0.1, min(timeouts.attempt, deadline - time.monotonic()))
+    started = time.monotonic()
+    limit = max(0.1, min(timeouts.attempt, deadline - started))
+    patience = max(limit, deadline - started)
     box: dict[str, Any] = {}
 
     def attempt() -> None:
         try:
-            box["answer"] = _exchange(url, body, session, limit, timeouts.connect)
+            box["answer"] = _exchange(url, body, session, limit, patience, timeouts.connect, box)
         except BaseException as exc:
             box["error"] = exc
 
     worker = threading.Thread(target=attempt, name="kis-token-request", daemon=True)
     worker.start()
     worker.join(limit + 0.25)
+    if worker.is_alive() and 200 <= box.get("status", 0) < 300:
+        worker.join(max(0.0, started + patience - time.monotonic()) + 0.25)
     if worker.is_alive():
-        raise TransientError(f"no complete answer from {url} within {limit:.1f} s")
+        if 200 <= box.get("status", 0) < 300:
+            raise AnswerLostError(f"the answer from {_safe(url)} did not arrive within {patience:.1f} s")
+        raise TransientError(f"no complete answer from {_safe(url)} within {limit:.1f} s")
     if "error" in box:
         raise box["error"]
     return _read_answer(*box["answer"])
 
 
 def _exchange(
-    url: str, body: dict[str, str], session: requests.Session | None, limit: float, connect: float
+    url: str,
+    body: dict[str, str],
+    session: requests.Session | None,
+    limit: float,
+    patience: float,
+    connect: float,
+    progress: dict[str, Any],
 ) -> tuple[int, str]:
-    """POST ``body`` and read the answer as it arrives, giving up ``limit`` seconds after the start."""
-    deadline = time.monotonic() + limit
+    """POST ``body`` and read the answer as it arrives: an error answer until ``limit`` seconds after
+    the start, a success until ``patience``; ``progress["status"]`` is set once the status is known."""
+    started = time.monotonic()
     sender = session or requests
     try:
         with sender.post(url, json=body, timeout=(min(connect, limit), limit), stream=True) as response:
+            progress["status"] = status = response.status_code
+            success = 200 <= status < 300
+            deadline = started + (patience if success else limit)
             parts: list[bytes] = []
             size = 0
             while True:
                 if time.monotonic() > deadline:
-                    raise TransientError(f"the answer from {url} took more than {limit:.1f} s; cut off")
+                    where = _safe(url)
+                    if success:
+                        raise AnswerLostError(f"the answer from {where} did not arrive in {patience:.1f} s")
+                    raise TransientError(f"the answer from {where} took more than {limit:.1f} s; cut off")
                 chunk = response.raw.read1(65536, decode_content=True)
                 if not chunk:
                     break
                 parts.append(chunk)
                 size += len(chunk)
                 if size > MAX_ANSWER:
-                    raise TransientError(f"the answer from {url} is over {MAX_ANSWER} bytes")
-            text = b"".join(parts).decode(response.encoding or "utf-8", errors="replace")
-            return response.status_code, text
+                    raise TransientError(f"the answer from {_safe(url)} is over {MAX_ANSWER} bytes")
+            return status, b"".join(parts).decode(response.encoding or "utf-8", errors="replace")
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        raise TransientError(f"broker unreachable at {url}: {type(exc).__name__}") from None
+        raise TransientError(f"broker unreachable at {_safe(url)}: {type(exc).__name__}") from None
+
+
+def _safe(url: str) -> str:
+    """``url`` without a user name or password (a proxy's), fit for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{netloc.rpartition('@')[2]}{slash}{path}"
 
 
 def _read_answer(status: int, text: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ _STATE_DEFAULTS: dict[str, Any] = {
     "refusals": {},
     "failures": 0,
     "alerts_sent": {},
+    "legacy_closed": False,
 }
 
 
@@ -48,6 +49,8 @@ class RenewalState:
         refusals: refusals counted by broker code (``LOCAL`` when this host held back).
         failures: requests that failed without a broker code (network, 5xx, garbage).
         alerts_sent: cause -> epoch of the last alert sent for it.
+        legacy_closed: a record left by version 0.1 was taken up, or the key's token deleted: such
+            left-over files are never taken up again (a deleted token must not come back).
     """
 
     last_request_at: float | None
@@ -60,6 +63,7 @@ class RenewalState:
     refusals: dict[str, int]
     failures: int
     alerts_sent: dict[str, float]
+    legacy_closed: bool
 
     def __init__(self, **values: Any) -> None:
         for name, default in _STATE_DEFAULTS.items():
@@ -86,6 +90,8 @@ class RenewalState:
 
 
 def _same_kind(value: object, default: object, name: str) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
     if name.endswith("_at"):
         return value is None or _is_number(value)
     if name in ("last_outcome", "last_code", "last_message"):

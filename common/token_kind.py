@@ -71,12 +71,19 @@ class TokenKind:
 
     def holds(self, record: TokenRecord) -> bool:
         """True if this market's story files already show the key's ``record``."""
-        return self.files.holds(record._replace(market=self.manager.market))
+        return self.files.holds(record._replace(market=self.manager.market), self.credential.key_id)
 
     def write(self, record: TokenRecord) -> None:
         """Write this market's story files for the key's ``record``."""
         self.files.write(record._replace(market=self.manager.market), self.credential.key_id)
 
     def legacy(self) -> TokenRecord | None:
-        """The market's own record written by version 0.1, to adopt as the key's record."""
-        return self.files.load_legacy()
+        """The best record of this key left by version 0.1 in any market's file (the one that lives
+        longest), to adopt as the key's record; None if there is none."""
+        found = []
+        for path in sorted(self.files.directory.glob("*_api_token.json")):
+            prefix = path.name.removesuffix("api_token.json")
+            record = MarketMirror(self.files.directory, prefix).load_legacy()
+            if record is not None and self.accept(record) is None:
+                found.append(record)
+        return max(found, key=lambda record: record.expires_at, default=None)

@@ -204,3 +204,38 @@ def test_one_key_eight_plus_eight_processes_from_cold_cost_one_request(one_key_p
     assert us.load_token().access_token == kr.load_token().access_token == results[0][1].strip()
     assert KR_SECRET not in "".join(p.read_text() for p in Path(one_key_procs["KIS_TOKEN_DIR"]).iterdir()
                                     if p.is_file())
+
+
+def _legacy_file(directory, market, token, expires_at, fingerprint, now):
+    directory.mkdir(mode=0o700, exist_ok=True)
+    record = TokenRecord(token, "Bearer", now - 3600, expires_at, market, "real", fingerprint)
+    (directory / f"{market}_api_token.json").write_text(record.to_json())  # as version 0.1 wrote it
+
+
+def test_a_token_deleted_through_one_market_never_comes_back_from_a_left_over_file(
+    make_manager, one_key, clock, tmp_path
+):
+    us, kr = make_manager(USTokenManager, one_key), make_manager(KRTokenManager, one_key)
+    for market in ("us", "kr"):  # both markets' files from version 0.1, the same token
+        _legacy_file(tmp_path / "tokens", market, fake_token(3), clock() + 20 * 3600, us.key_fingerprint(),
+                     clock())
+    with responses.RequestsMock() as mock:
+        broker(mock, clock, [fake_token(4)])
+        assert us.get_valid_token() == fake_token(3)  # adopted: no request
+        assert json.loads(us.mirror.record_path.read_text())["mirror_of"] == us.credential.key_id
+        kr.delete_token()
+        clock.advance(120)
+        assert make_manager(USTokenManager, one_key).get_valid_token() == fake_token(4)
+        assert len(mock.calls) == 1
+
+
+def test_an_upgrade_takes_the_longest_lived_left_over_token_of_the_key(
+    make_manager, one_key, clock, tmp_path
+):
+    us = make_manager(USTokenManager, one_key)
+    directory = tmp_path / "tokens"
+    _legacy_file(directory, "us", fake_token(5), clock() - 60, us.key_fingerprint(), clock())  # expired
+    _legacy_file(directory, "kr", fake_token(6), clock() + 23 * 3600, us.key_fingerprint(), clock())
+    with responses.RequestsMock() as mock:
+        assert us.get_valid_token() == fake_token(6)
+        assert len(mock.calls) == 0

@@ -46,8 +46,8 @@ def test_rate_limit_refusal_with_http_500_is_never_retried(manager, sandbox):
     assert manager.load_renewal_state().refusals == {"EGW00133": 1}
 
 
-def test_a_dripping_answer_is_cut_off_and_retried_within_the_budget(manager, sandbox):
-    sandbox.inject_fault("drip", count=1, delay=0.2)  # ~200 bytes at 5 a second: 40 s if waited for
+def test_a_dripping_error_answer_is_cut_off_and_retried_within_the_budget(manager, sandbox):
+    sandbox.inject_fault("drip_5xx", count=1, delay=0.2)  # ~100 bytes at 5 a second: 20 s if waited for
     started = time.monotonic()
     token = manager.get_valid_token()
     elapsed = time.monotonic() - started
@@ -57,7 +57,7 @@ def test_a_dripping_answer_is_cut_off_and_retried_within_the_budget(manager, san
 
 
 def test_get_fails_within_the_budget_when_every_answer_drips(manager, sandbox):
-    sandbox.inject_fault("drip", count=10, delay=0.2)
+    sandbox.inject_fault("drip_5xx", count=10, delay=0.2)
     started = time.monotonic()
     with pytest.raises(TokenUnavailableError, match="cut off|no complete answer"):
         manager.get_valid_token()
@@ -65,3 +65,24 @@ def test_get_fails_within_the_budget_when_every_answer_drips(manager, sandbox):
     assert elapsed < QUICK.budget + 5  # the budget holds; waited attempts would take minutes
     assert 2 <= sandbox.counters()["faults_served"] <= QUICK.max_attempts
 
+
+def test_a_dripping_success_is_read_to_the_budget_and_never_asked_twice_within_the_minute(
+    manager, sandbox
+):
+    # A success may carry a token the broker already issued (and texted about); asking again within
+    # the minute would be refused with EGW00133, so it is read until the budget ends, then not retried.
+    sandbox.inject_fault("drip", count=1, delay=0.2)  # ~200 bytes: 40 s, past the 3 s budget
+    started = time.monotonic()
+    with pytest.raises(TokenUnavailableError, match="did not arrive"):
+        manager.get_valid_token()
+    assert time.monotonic() - started < QUICK.budget + 5
+    assert sandbox.counters()["token_requests"] == {US_KEY: 1}
+    with pytest.raises(TokenUnavailableError):  # backing off for the minute: nothing is sent
+        manager.get_valid_token()
+    assert sandbox.counters()["token_requests"] == {US_KEY: 1}
+
+
+def test_a_slow_but_complete_success_within_the_budget_is_taken(manager, sandbox):
+    sandbox.inject_fault("drip", count=1, delay=0.005)  # ~1 s in all: past one attempt, inside the budget
+    assert manager.get_valid_token().startswith("sbx-")
+    assert sandbox.counters()["token_requests"] == {US_KEY: 1}

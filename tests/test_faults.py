@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 
@@ -219,3 +220,46 @@ def test_webhook_path_never_reaches_the_logs_at_debug(make_manager, env, clock, 
     assert "renewal alert sent to http://127.0.0.1" in caplog.text  # the webhook really was called
     assert "SECRETPATH" not in caplog.text
     assert fake_token(1) not in caplog.text
+
+
+def test_a_token_that_cannot_be_stored_is_still_served_from_memory(us, clock, monkeypatch, caplog):
+    from common.errors import StoreError
+
+    def full_disk(record):
+        raise StoreError("cannot write key record: No space left on device")
+
+    monkeypatch.setattr(us.store.record, "save", full_disk)
+    with responses.RequestsMock() as mock, caplog.at_level(logging.ERROR):
+        mock.post(TOKEN_URL, json=token_answer(fake_token(1), clock() + DAY))
+        assert us.get_valid_token() == fake_token(1)  # the broker issued it: it is not thrown away
+        assert us.get_valid_token() == fake_token(1)
+        assert len(mock.calls) == 1
+    assert "serving it from memory" in caplog.text
+    assert us.load_renewal_state().last_outcome == "renewed"
+
+
+def test_a_held_back_request_waits_only_for_the_rest_of_the_minute(make_manager, clock):
+    first, second = make_manager(), make_manager()
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        for _ in range(4):
+            mock.post(TOKEN_URL, status=503, body="<html>busy</html>")
+        with pytest.raises(TokenUnavailableError):
+            first.get_valid_token()
+        clock.advance(55)
+        with pytest.raises(TokenUnavailableError, match=r"next request possible in \d+ s") as held:
+            second.get_valid_token()
+        rest = int(re.search(r"possible in (\d+) s", str(held.value)).group(1))
+        assert 0 < rest < 10
+        mock.replace(responses.POST, TOKEN_URL, json=token_answer(fake_token(2), clock() + DAY))
+        clock.advance(rest + 1)  # the key's minute is over: the second process asks now, not 61 s later
+        assert second.get_valid_token() == fake_token(2)
+
+
+def test_a_clock_stepped_back_never_lifts_the_one_a_minute_memory(us, clock):
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.post(TOKEN_URL, status=403, json=refusal("EGW00133"))
+        for _ in range(5):
+            with pytest.raises(TokenUnavailableError):
+                us.get_valid_token()
+            clock.advance(-2 * 3600)  # the host's clock jumps back two hours, again and again
+        assert len(mock.calls) == 1

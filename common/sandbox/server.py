@@ -52,7 +52,7 @@ from urllib.parse import parse_qsl, urlsplit
 #: The broker writes expiries in Korea time without a zone designator.
 KST = timezone(timedelta(hours=9), "KST")
 TOKEN_PATH = "/oauth2/tokenP"
-FAULT_MODES = ("5xx", "5xx_code", "5xx_ratelimit", "html", "truncated", "drop", "slow", "drip")
+FAULT_MODES = ("5xx", "5xx_code", "5xx_ratelimit", "html", "truncated", "drop", "slow", "drip", "drip_5xx")
 MAX_BODY = 1 << 20
 
 Reply = tuple[int, dict[str, Any]]
@@ -259,7 +259,7 @@ class Sandbox:
         ``EGW00001``), ``5xx_ratelimit`` (500 with ``EGW00133``), ``html`` (200, HTML page),
         ``truncated`` (200, cut JSON), ``drop`` (close without answering), ``slow`` (answer
         normally after ``delay``), ``drip`` (the normal answer's headers at once, then its body one
-        byte every ``delay`` seconds).
+        byte every ``delay`` seconds), ``drip_5xx`` (the same with a 503 answer).
 
         Raises:
             ValueError: unknown mode, count below 1, negative delay or a bad path.
@@ -569,14 +569,17 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         path = urlsplit(self.path).path
         fault = None if path.startswith("/sandbox/") else sandbox._take_fault(path)
-        if fault is not None and fault.mode not in ("slow", "drip"):
+        if fault is not None and fault.mode not in ("slow", "drip", "drip_5xx"):
             self._serve_fault(fault.mode)
             return
         if fault is not None and fault.mode == "slow":
             sandbox._stopping.wait(fault.delay)
-        status, payload = sandbox._route(method, self.path, self.headers, raw)
+        if fault is not None and fault.mode == "drip_5xx":
+            status, payload = _oauth_error(503, "EGW00001", "일시적인 오류입니다")
+        else:
+            status, payload = sandbox._route(method, self.path, self.headers, raw)
         body = json.dumps(payload, ensure_ascii=False).encode()
-        drip = fault.delay if fault is not None and fault.mode == "drip" else None
+        drip = fault.delay if fault is not None and fault.mode.startswith("drip") else None
         self._send(status, "application/json;charset=UTF-8", body, drip)
 
     def _serve_fault(self, mode: str) -> None:
