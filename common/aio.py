@@ -64,9 +64,9 @@ class AsyncMethods:
 
     async def get_valid_token_async(self) -> str:
         """:meth:`get_valid_token`, off the loop: a thousand tasks from cold cost one request."""
-        built = self._built  # type: ignore[attr-defined]
-        if built is not None:
-            record, fresh_until, since = built[0].snapshot
+        engine = self._token_engine  # type: ignore[attr-defined]
+        if engine is not None:
+            record, fresh_until, since = engine.snapshot
             if since <= self.now() < fresh_until:  # type: ignore[attr-defined]
                 return record.access_token
         return await self._single_flight().run("token", self.get_valid_token)  # type: ignore[attr-defined]

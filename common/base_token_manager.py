@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from common import clock as clock_module
 from common import file_store, outcomes, store_select
 from common.aio import AsyncMethods
 from common.approval_kind import ApprovalKind, ApprovalRecord
@@ -74,12 +73,13 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
             self.market_config.APP_KEY_VAR: app_key, self.market_config.APP_SECRET_VAR: app_secret,
             "KIS_ENV": environment, "KIS_TOKEN_DIR": token_dir,
         })
-        self.now: Callable[[], float] = clock or clock_module.now
+        self.now: Callable[[], float] = clock or time.time  # epoch seconds; tests inject a clock
         self.sleep = sleep or time.sleep
         self.session = session
         self.timeouts = timeouts
         self._windows, self._jitter, self._key_store = windows or Windows(), jitter, store
         self._built: tuple[RenewalEngine[TokenRecord], TokenKind] | None = None
+        self._token_engine: RenewalEngine[TokenRecord] | None = None  # the hot path's one lookup
         self._approval: RenewalEngine[ApprovalRecord] | None = None
 
     # -- market hooks -------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
             kind = TokenKind(self, credential)
             engine = self._engine(credential, "token", kind, store=self._key_store, mirror=kind,
                                   legacy=kind.legacy)
-            self._built = (engine, kind)
+            self._built, self._token_engine = (engine, kind), engine
         return self._built
 
     def _approval_engine(self) -> RenewalEngine[ApprovalRecord]:
@@ -178,8 +178,9 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
             TokenUnavailableError: no valid token is held and none could be obtained.
             ConfigError: this market is not configured.
         """
-        if self._built is not None:
-            record, fresh_until, since = self._built[0].snapshot
+        engine = self._token_engine
+        if engine is not None:
+            record, fresh_until, since = engine.snapshot
             if since <= self.now() < fresh_until:
                 return record.access_token  # type: ignore[union-attr]
         return self._wired()[0].serve().access_token

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -65,6 +66,9 @@ def main(
         return args.run(manager, args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (``| head``): nothing left to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except Exception as exc:  # expected failures and bugs alike: one line, details at -vv
         if not isinstance(exc, KISTokenError):
             _log.debug("internal error", exc_info=True)

@@ -1,21 +1,15 @@
-"""The one clock of the package, and the broker's time zone.
+"""Time in the broker's zone: formatting and parsing epoch seconds.
 
-Every module that needs the time calls :func:`now` through a clock passed to it (tests inject a
-fake one), so that time can be moved in one place and no test has to sleep.
+The time itself comes from the clock a manager is given (``time.time`` by default; tests inject a
+fake one, so that time moves in one place and no test has to sleep).
 """
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timedelta, timezone
 
 #: The broker states expiries in Korea time without a zone designator (KIS_FACTS.md).
 KST = timezone(timedelta(hours=9), "KST")
-
-
-def now() -> float:
-    """Return the current time as seconds since the epoch (UTC)."""
-    return time.time()
 
 
 def to_kst_iso(epoch: float) -> str:
