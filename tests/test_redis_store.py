@@ -40,7 +40,9 @@ from tests.conftest import (
     US_KEY,
     US_SECRET,
     fake_token,
+    finish,
     refusal,
+    spawn,
     token_answer,
 )
 from tests.redis_server import RedisServer
@@ -399,23 +401,6 @@ def on_host(environ: dict[str, str], tmp_path: Path, name: str) -> dict[str, str
     return {**environ, "KIS_TOKEN_DIR": str(tmp_path / name)}
 
 
-def spawn(args: list[str], environ: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", *args], env=environ, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(processes: list[subprocess.Popen[str]], timeout: float = 60) -> list[tuple[int, str, str]]:
-    results = []
-    for process in processes:
-        try:
-            out, err = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, err = process.communicate()
-        results.append((process.returncode, out.strip(), err))
-    return results
-
-
 @pytest.mark.parametrize("keys", ["one key", "two keys"])
 def test_two_hosts_times_both_markets_from_cold_cost_one_request_per_key(
     proc_env, sandbox_process, tmp_path, keys
@@ -428,8 +413,8 @@ def test_two_hosts_times_both_markets_from_cold_cost_one_request_per_key(
                  for name, market in runs]
     results = finish(processes)
     assert all(code == 0 for code, _, _ in results), [err for code, _, err in results if code]
-    tokens = {market: {out for (name, m), (_, out, _) in zip(runs, results, strict=True) if m == market}
-              for market in ("us", "kr")}
+    paired = list(zip(runs, results, strict=True))
+    tokens = {market: {out.strip() for (_, m), (_, out, _) in paired if m == market} for market in ("us", "kr")}
     assert len(tokens["us"]) == len(tokens["kr"]) == 1
     assert sandbox_process.counters()["token_requests"] == (
         {US_KEY: 1} if keys == "one key" else {US_KEY: 1, KR_KEY: 1})
