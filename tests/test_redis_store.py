@@ -414,7 +414,8 @@ def test_two_hosts_times_both_markets_from_cold_cost_one_request_per_key(
     results = finish(processes)
     assert all(code == 0 for code, _, _ in results), [err for code, _, err in results if code]
     paired = list(zip(runs, results, strict=True))
-    tokens = {market: {out.strip() for (_, m), (_, out, _) in paired if m == market} for market in ("us", "kr")}
+    tokens = {market: {out.strip() for (_, m), (_, out, _) in paired if m == market}
+              for market in ("us", "kr")}
     assert len(tokens["us"]) == len(tokens["kr"]) == 1
     assert sandbox_process.counters()["token_requests"] == (
         {US_KEY: 1} if keys == "one key" else {US_KEY: 1, KR_KEY: 1})
