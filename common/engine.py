@@ -322,11 +322,10 @@ class RenewalEngine(Generic[R]):
                 record, stored = self._load(locked)
             except StoreError as exc:
                 if not held:
-                    raise
+                    raise  # (the signature stays unknown: the next call reads again)
                 _log.warning("%s; serving the %s held in memory", exc, self.name)
                 record, stored = None, True
-            else:
-                self._signature = signature
+            self._signature = signature
             if record is None and stored and held:
                 record = current
             if record is not None and record != current:
