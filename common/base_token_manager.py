@@ -200,7 +200,11 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
 
     def delete_token(self) -> list[str]:
         """Remove the key's token and this market's story files; return the paths removed."""
-        return self._wired()[0].forget() + self.mirror.delete()
+        try:
+            removed = self._wired()[0].forget()
+        finally:
+            mirrored = self.mirror.delete()
+        return removed + mirrored
 
     def is_token_expired(self, record: TokenRecord | None = None) -> bool:
         """True if ``record`` (default: the stored one) is absent or has no more than the margin left."""

@@ -297,14 +297,15 @@ class RenewalEngine(Generic[R]):
         Files an older version left are closed too, so that the deleted token never comes back.
         """
         with self.hold(self.windows.lock_wait):
-            removed = self.store.record.delete()
-            state = self.load_state()
-            if not state.legacy_closed:
-                state.legacy_closed = True
-                self.store.state.save(state)
-            self._signature = None
-            self._set(None, self._clock())
-            return removed
+            try:
+                return self.store.record.delete()
+            finally:  # also when a shared store did not take the deletion: this host forgets it
+                self._signature = None
+                self._set(None, self._clock())
+                state = self.load_state()
+                if not state.legacy_closed:
+                    state.legacy_closed = True
+                    self.store.state.save(state)
 
     def _sync(self, force: bool = False, locked: bool = False) -> None:
         """Reload the record if the store changed since it was last read.

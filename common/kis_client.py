@@ -45,6 +45,7 @@ from common.errors import (
     RateLimitedError,
     TransientError,
 )
+from common.settings import mask_url
 
 TOKEN_PATH = "/oauth2/tokenP"
 REVOKE_PATH = "/oauth2/revokeP"
@@ -238,8 +239,8 @@ def _post_once(
         worker.join(max(0.0, started + patience - time.monotonic()) + 0.25)
     if worker.is_alive():
         if 200 <= box.get("status", 0) < 300:
-            raise AnswerLostError(f"the answer from {_safe(url)} did not arrive within {patience:.1f} s")
-        raise TransientError(f"no complete answer from {_safe(url)} within {limit:.1f} s")
+            raise AnswerLostError(f"the answer from {mask_url(url)} did not arrive within {patience:.1f} s")
+        raise TransientError(f"no complete answer from {mask_url(url)} within {limit:.1f} s")
     if "error" in box:
         raise box["error"]
     return _read_answer(*box["answer"])
@@ -267,7 +268,7 @@ def _exchange(
             size = 0
             while True:
                 if time.monotonic() > deadline:
-                    where = _safe(url)
+                    where = mask_url(url)
                     if success:
                         raise AnswerLostError(f"the answer from {where} did not arrive in {patience:.1f} s")
                     raise TransientError(f"the answer from {where} took more than {limit:.1f} s; cut off")
@@ -277,17 +278,10 @@ def _exchange(
                 parts.append(chunk)
                 size += len(chunk)
                 if size > MAX_ANSWER:
-                    raise TransientError(f"the answer from {_safe(url)} is over {MAX_ANSWER} bytes")
+                    raise TransientError(f"the answer from {mask_url(url)} is over {MAX_ANSWER} bytes")
             return status, b"".join(parts).decode(response.encoding or "utf-8", errors="replace")
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        raise TransientError(f"broker unreachable at {_safe(url)}: {type(exc).__name__}") from None
-
-
-def _safe(url: str) -> str:
-    """``url`` without a user name or password (a proxy's), fit for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    netloc, slash, path = rest.partition("/")
-    return f"{scheme}{sep}{netloc.rpartition('@')[2]}{slash}{path}"
+        raise TransientError(f"broker unreachable at {mask_url(url)}: {type(exc).__name__}") from None
 
 
 def _read_answer(status: int, text: str) -> dict[str, Any]:

@@ -42,10 +42,10 @@ from redis.lock import Lock
 from redis.retry import Retry
 
 from common import file_store
-from common.errors import LockTimeoutError
+from common.errors import ConfigError, LockTimeoutError, StoreError
 from common.policy import LOCK_WAIT, Expiring
 from common.record import CorruptRecordError, TokenRecord
-from common.settings import mask_url
+from common.settings import TOKEN_STORE_VAR, mask_url
 from common.store import KeyStore, RenewalState
 
 PREFIX = "kis-token:v1:"
@@ -57,7 +57,7 @@ RETRY_INTERVAL = 5.0
 #: (``Windows.lock_wait``), the token request's whole retry budget with its last attempt
 #: (``kis_client.Timeouts``: ``budget`` 20 s + ``attempt`` 10 s), and a margin for the writes.
 LEASE = LOCK_WAIT + 20.0 + 10.0 + 30.0
-TOMBSTONE = b"deleted"
+TOMBSTONE = b"deleted"  # followed by ":<expiry of the deleted record>"
 TOMBSTONE_TTL = 2 * 86400  # tokens live 24 h: by then no host holds the deleted one any more
 
 R = TypeVar("R", bound=Expiring)
@@ -97,9 +97,24 @@ class RedisRecordStore(Generic[R]):
         self._client.set(self.name, self._dump(record))
 
     def delete(self) -> list[str]:
-        """Mark the record deleted, so that no host puts its copy back; return it if it was there."""
-        previous = self._client.set(self.name, TOMBSTONE, ex=TOMBSTONE_TTL, get=True)
-        return [] if previous in (None, TOMBSTONE) else [self.location]
+        """Mark the record deleted, so that no host puts its copy back; return it if it was there.
+
+        The mark carries the deleted record's expiry: a copy that expires no later is that token (or
+        an older one) and is dropped; one that expires later was renewed since, and stays.
+        """
+
+        def attempt(pipe: Any) -> list[str]:
+            raw = pipe.get(self.name)
+            if raw is None or raw.startswith(TOMBSTONE):
+                return []
+            expires = float("inf")
+            with contextlib.suppress(CorruptRecordError, UnicodeDecodeError, ValueError):
+                expires = self._parse(raw.decode()).expires_at
+            pipe.multi()
+            pipe.set(self.name, TOMBSTONE + f":{expires}".encode(), ex=TOMBSTONE_TTL)
+            return [self.location]
+
+        return self._client.transaction(attempt, self.name, value_from_callable=True)
 
     def put_back(self, record: R) -> R | None:
         """Store ``record`` unless the server holds one that expires no earlier, or a deletion.
@@ -110,7 +125,7 @@ class RedisRecordStore(Generic[R]):
 
         def attempt(pipe: Any) -> R | None:
             raw = pipe.get(self.name)
-            if raw == TOMBSTONE:
+            if raw is not None and raw.startswith(TOMBSTONE) and record.expires_at <= _deleted_expiry(raw):
                 return None
             with contextlib.suppress(CorruptRecordError, UnicodeDecodeError):
                 current = self._decode(raw)
@@ -123,13 +138,21 @@ class RedisRecordStore(Generic[R]):
         return self._client.transaction(attempt, self.name, value_from_callable=True)
 
     def _decode(self, raw: bytes | None) -> R | None:
-        if raw is None or raw == TOMBSTONE:
+        if raw is None or raw.startswith(TOMBSTONE):
             return None
         try:
             text = raw.decode()
         except UnicodeDecodeError:
             raise CorruptRecordError(f"{self.name} is not UTF-8") from None
         return self._parse(text)
+
+
+def _deleted_expiry(raw: bytes) -> float:
+    """The expiry a deletion mark names (a bare ``deleted`` from before: every token)."""
+    try:
+        return float(raw[len(TOMBSTONE) + 1:] or "inf")
+    except ValueError:
+        return float("inf")
 
 
 class RedisRenewalLock:
@@ -146,6 +169,19 @@ class RedisRenewalLock:
         self.location = location
         self._client = client
         self._held = threading.local()
+        self._orphans: list[tuple[Lock, bytes]] = []
+
+    def _release_orphans(self) -> None:
+        """Release leases whose acquisition lost its answer (only if still ours: owner-checked)."""
+        while self._orphans:
+            lock, token = self._orphans[0]
+            try:
+                lock.do_release(token)
+            except LockNotOwnedError:
+                pass
+            except RedisError:
+                return
+            self._orphans.pop(0)
 
     @contextlib.contextmanager
     def hold(self, timeout: float) -> Iterator[None]:
@@ -162,10 +198,28 @@ class RedisRenewalLock:
             finally:
                 self._held.depth -= 1
             return
-        lock = Lock(self._client, self.name, timeout=self.lease, sleep=0.02, blocking=timeout > 0,
-                    blocking_timeout=max(timeout, 0.0), thread_local=False)
-        if not lock.acquire(token=secrets.token_hex(16)):
-            raise LockTimeoutError(f"another host or process held {self.name} for more than {timeout:g} s")
+        self._release_orphans()
+        lock = Lock(self._client, self.name, timeout=self.lease, blocking=False, thread_local=False)
+        token = secrets.token_hex(16).encode()
+        deadline = time.monotonic() + max(timeout, 0.0)
+        seen_held = False
+        while True:
+            try:
+                if lock.acquire(token=token):
+                    break
+            except RedisError:
+                # The SET may have reached the server and only its answer got lost: release that
+                # lease as soon as the server answers again, so that it does not block everyone.
+                self._orphans.append((lock, token))
+                if seen_held:  # another owner holds it and may be renewing: busy, not unreachable
+                    raise LockTimeoutError(
+                        f"another host or process holds {self.name}, and the store stopped answering"
+                    ) from None
+                raise
+            seen_held = True
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError(f"another host or process held {self.name} for over {timeout:g} s")
+            time.sleep(0.02)
         self._held.depth = 1
         try:
             yield
@@ -225,13 +279,16 @@ class StoreLink:
     def __init__(self, url: str, retry_interval: float = RETRY_INTERVAL) -> None:
         self.url = mask_url(url)
         self.retry_interval = retry_interval
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=SOCKET_TIMEOUT,
-            # One immediate retry on a dropped connection (a restarted server), none on a timeout.
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        )
+        try:
+            self.client = redis.Redis.from_url(
+                url,
+                socket_timeout=SOCKET_TIMEOUT,
+                socket_connect_timeout=SOCKET_TIMEOUT,
+                # One immediate retry on a dropped connection (a restarted server), none on a timeout.
+                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            )
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{TOKEN_STORE_VAR} cannot be used ({exc}): {self.url}") from None
         self._secret = self.client.get_connection_kwargs().get("password") or None
         self._retry_at = float("-inf")
         self.error: str | None = None  # why the last call failed, while down
@@ -348,11 +405,20 @@ class SharedRecordStore(Generic[R]):
         self.local.save(record)
 
     def delete(self) -> list[str]:
-        """Delete the record on the server (if it answers) and the host's file."""
-        removed: list[str] = []
-        with contextlib.suppress(Unreachable):
-            removed = self.link.call(self.shared.delete)
-        return removed + self.local.delete()
+        """Delete the host's file and the record on the server.
+
+        Raises:
+            StoreError: the server did not answer: its copy would come back once it does, so the
+                caller must say so (and run the deletion again then).
+        """
+        removed = self.local.delete()
+        try:
+            return self.link.call(self.shared.delete) + removed
+        except Unreachable:
+            raise StoreError(
+                f"removed this host's copy, but the token store {self.link.url} did not answer, and "
+                "its copy would come back: run the command again once it answers"
+            ) from None
 
 
 class SharedRenewalLock:

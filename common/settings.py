@@ -261,16 +261,17 @@ def _store_url_problem(value: str) -> str | None:
 
 
 def mask_url(url: str) -> str:
-    """``url`` with its password (in the user part or a ``password=`` parameter) shown as ``***``."""
+    """``url`` with its password (in the user part or a ``password=`` parameter) shown as ``***``.
+
+    The user part ends at the last ``@`` before the query, so a password holding ``/``, ``?`` or
+    ``@`` is hidden whole.
+    """
     import re
 
     scheme, sep, rest = url.partition("://")
-    netloc, slash, tail = rest.partition("/")
-    userinfo, _, host = netloc.rpartition("@")
-    if userinfo:
-        user, colon, _ = userinfo.partition(":")
+    at = rest.rfind("@")
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
         # a lone user part may be a password (redis://secret@host): hide it too
-        userinfo = f"{user}:***" if colon else "***"
-        netloc = f"{userinfo}@{host}"
-    masked = f"{scheme}{sep}{netloc}{slash}{tail}"
-    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", masked)
+        rest = (f"{user}:***" if colon else "***") + rest[at:]
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", f"{scheme}{sep}{rest}")

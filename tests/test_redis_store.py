@@ -22,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+import redis.lock
 import responses
 
 from common import redis_store
 from common.cli import main
+from common.errors import ConfigError, LockTimeoutError, StoreError
 from common.identity import Credential
 from common.kis_client import DEFAULT_TIMEOUTS
 from common.policy import LOCK_WAIT
@@ -503,3 +506,104 @@ def test_a_holder_killed_with_the_lock_held_delays_the_others_only_until_its_lea
     assert [waiter.exitcode for waiter in waiters] == [0, 0, 0]
     assert len(tokens) == 1
     assert sandbox_process.counters()["token_requests"] == {US_KEY: 1}
+
+
+# -- the second review's findings ------------------------------------------------------------------
+
+
+def test_a_delete_the_store_did_not_take_is_an_error_and_says_to_run_it_again(host, server, clock, tmp_path):
+    a = host("a", retry_interval=0.0)
+    with responses.RequestsMock() as mock:
+        broker(mock, clock, [fake_token(1)])
+        assert a.get_valid_token() == fake_token(1)
+    server.stop()
+    with pytest.raises(StoreError, match="did not answer.*run the command again"):
+        a.delete_token()
+    assert not key_file(tmp_path, "a").exists() and not a.mirror.record_path.exists()  # gone here
+    assert a.load_token() is None
+    server.start()  # an empty server here; with the old record on it, `delete` is simply run again
+    assert a.delete_token() == []
+
+
+def test_a_deletion_mark_never_drops_a_token_renewed_since(host, server, clock, tmp_path):
+    a, b = host("a", retry_interval=0.0), host("b", retry_interval=0.0)
+    with responses.RequestsMock() as mock:
+        broker(mock, clock, [fake_token(1), fake_token(2)])
+        assert a.get_valid_token() == b.get_valid_token() == fake_token(1)
+        server.stop()
+        clock.advance(120)
+        assert b.refresh_token().access_token == fake_token(2)  # host B renews while the store is down
+        server.start()
+        for _ in range(3):  # make sure the store holds T1 again (host A's copy is put back)...
+            clock.advance(1.0)
+            a.load_token()
+        client = redis.Redis(host="127.0.0.1", port=server.port, password=PASSWORD)
+        first = TokenRecord(fake_token(1), "Bearer", clock() - 120, clock() + DAY - 120, "us", "real",
+                            a.key_fingerprint())
+        client.set(record_key(server), first.to_json())
+        a.delete_token()  # ...then host A deletes T1
+        clock.advance(1.0)
+        assert b.get_valid_token() == fake_token(2)  # B's later token is not the deleted one: it stays
+        assert len(mock.calls) == 2
+        client.close()
+
+
+def test_a_store_that_stalls_while_another_host_holds_the_lease_is_busy_not_unreachable(host, server):
+    a, b = host("a"), host("b")
+    lock_b = b.store.lock.shared
+    with a.store.lock.hold(0):  # host A holds the lease (it is renewing)
+        real_acquire = redis.lock.Lock.acquire
+        calls = []
+
+        def stalling_acquire(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) > 2:  # the store stops answering while B waits
+                raise redis.TimeoutError("Timeout reading from socket")
+            return real_acquire(self, *args, **kwargs)
+
+        redis.lock.Lock.acquire = stalling_acquire
+        try:
+            with pytest.raises(LockTimeoutError, match="stopped answering"), lock_b.hold(5):
+                pass
+        finally:
+            redis.lock.Lock.acquire = real_acquire
+    assert len(calls) == 3
+
+
+def test_a_lease_whose_answer_was_lost_is_released_by_its_owner(host, server):
+    a = host("a")
+    lock = a.store.lock.shared
+    real_acquire = redis.lock.Lock.acquire
+
+    def lost_answer(self, *args, **kwargs):
+        real_acquire(self, *args, **kwargs)  # the SET reaches the server...
+        raise redis.TimeoutError("Timeout reading from socket")  # ...its answer does not come back
+
+    redis.lock.Lock.acquire = lost_answer
+    try:
+        with pytest.raises(redis.TimeoutError), lock.hold(0):
+            pass
+    finally:
+        redis.lock.Lock.acquire = real_acquire
+    client = redis.Redis(host="127.0.0.1", port=server.port, password=PASSWORD)
+    assert client.pttl(lock.name) > 0  # an orphaned lease...
+    with lock.hold(0):  # ...released (owner-checked) at the next acquisition, which then succeeds
+        pass
+    assert client.exists(lock.name) == 0
+    client.close()
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0?db=abc", "redis://127.0.0.1/0?socket_timeout=abc"])
+def test_a_url_redis_cannot_use_is_a_configuration_error(make_manager, env, url):
+    manager = make_manager(USTokenManager, {**env, "KIS_TOKEN_STORE": url})
+    with pytest.raises(ConfigError, match="KIS_TOKEN_STORE"):
+        manager.get_token_info()
+
+
+def test_a_password_with_a_slash_is_never_shown(make_manager, env, capsys):
+    secret = "pa/ss+w0rd"
+    manager = make_manager(USTokenManager, {**env, "KIS_TOKEN_STORE": f"redis://kis:{secret}@127.0.0.1:bad/0"})
+    assert main(lambda: manager, ["check", "--json"], market="US") == 3
+    captured = capsys.readouterr()
+    assert "KIS_TOKEN_STORE" in captured.err and secret not in captured.out + captured.err
+    assert "ss+w0rd" not in captured.out + captured.err
