@@ -4,8 +4,9 @@
 ``unix:///path/to/socket``) names the server. Per key (``<id>`` is :attr:`Credential.key_id`, e.g.
 ``real-5fda05f056d87ade``) it holds three keys under the prefix ``kis-token:v1:<id>:``:
 
-``kis-token:v1:<id>:record``  the key's token record, the JSON of ``key-<id>.json`` (``deleted``
-                              for two days after a ``delete`` or ``revoke``, so no host puts it back)
+``kis-token:v1:<id>:record``  the key's token record, the JSON of ``key-<id>.json``
+                              (``deleted:<expiry>`` for two days after a ``delete`` or ``revoke``,
+                              so no host puts that token back)
 ``kis-token:v1:<id>:lock``    the renewal lock: a random owner value with a lease (``SET NX PX``)
 ``kis-token:v1:<id>:state``   the key's renewal memory, the JSON of ``key-<id>.state``
 
