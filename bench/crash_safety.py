@@ -127,7 +127,7 @@ def run(ctx: Context) -> list[str]:
     """Kill renewing workers at random instants and look at what they left."""
     sandbox = ctx.sandbox()
     token_dir = ctx.tmp / "crash"
-    environ = ctx.env(token_dir, broker=True)
+    environ = {**ctx.env(token_dir, broker=True), "KIS_TOKEN_DAILY_LIMIT": "0"}  # back-to-back renewals
     sandbox.call("POST", "reset", {})
     sandbox.call("POST", "config", {"rate_limit": 0, "same_token_window": 0})
     with loopback_session() as session:  # calibrate here: kis_client is then imported before forking

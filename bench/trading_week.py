@@ -56,6 +56,7 @@ class _Answer:
 
     def __init__(self, status: int, payload: dict[str, Any]) -> None:
         self.status_code = status
+        self.headers: dict[str, str] = {}
         self.encoding = "utf-8"
         self._body = json.dumps(payload).encode()
         self.raw = self

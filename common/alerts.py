@@ -1,6 +1,6 @@
 """Alerts for failed token renewals, posted to a Slack-compatible webhook.
 
-:class:`~common.outcomes.AlertObserver` calls :func:`send_renewal_alert` when a
+:class:`~common.outcomes.AlertObserver` calls :func:`prepare_renewal_alert` when a
 renewal is refused by the broker (``outcome="refused"``, with the broker's code) or fails without
 a code (``outcome="failed"``: network, 5xx, garbled answer) and ``KIS_ALERT_WEBHOOK_URL`` is set.
 The request is one ``POST`` of ``{"text": "..."}``, which Slack incoming webhooks, Mattermost,
@@ -16,10 +16,12 @@ Rules:
 * The text names the market, environment, outcome, broker code and message, and how long the
   current token stays valid, or that there is no valid token (none, or under the 5 min expiry
   margin, when it is no longer handed out). It never holds the token, the app key or the secret.
-* One try, no retries, bounded by :data:`CONNECT_TIMEOUT` + :data:`READ_TIMEOUT` (about 3 s).
-  Any failure (refused connection, timeout, non-2xx answer, bad URL) is logged as a warning that
-  names only the webhook's scheme and host (its path is a secret), and is never raised: an alert
-  must never stop the token from being served.
+* The post is made after the key's renewal lock is released (the engine runs it then), in a
+  thread that the caller waits on for at most :data:`DEADLINE` (3 s) of wall time, DNS included:
+  a webhook that drips its answer or a name that never resolves costs the caller 3 s at most and
+  never holds another process back. One try, no retries. Any failure (refused connection, timeout,
+  non-2xx answer, bad URL) is logged as a warning that names only the webhook's scheme and host
+  (its path is a secret), and is never raised: an alert must never stop the token from being served.
 
 This module imports ``requests`` and is itself imported only when an alert is due.
 """
@@ -28,6 +30,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from common.clock import format_duration
@@ -42,11 +47,15 @@ CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 1.0
 #: Longest broker or transport message quoted in an alert.
 MAX_MESSAGE = 300
+#: The longest the caller waits for the webhook, all included (DNS, connect, answer).
+DEADLINE = 3.0
+#: Causes alerted at most once a day (the daily budget frees up only as its issuances age).
+DAILY_CAUSES = {"DAILY_LIMIT": 86400.0}
 
 _log = logging.getLogger(__name__)
 
 
-def send_renewal_alert(
+def prepare_renewal_alert(
     url: str,
     state: RenewalState,
     *,
@@ -57,8 +66,8 @@ def send_renewal_alert(
     message: str | None,
     seconds_left: float | None,
     now: float,
-) -> None:
-    """Post one alert about a failed renewal, unless the same cause was alerted recently.
+) -> Callable[[], None] | None:
+    """The post of one alert about a failed renewal, unless the same cause was alerted recently.
 
     Args:
         url: the webhook URL (``KIS_ALERT_WEBHOOK_URL``); treated as a secret.
@@ -72,22 +81,32 @@ def send_renewal_alert(
         seconds_left: time left on the token currently held, or None if none is held.
         now: the current time, epoch seconds.
 
-    Never raises on a webhook failure; the failure is logged as a warning.
+    Returns:
+        A callable that posts the alert (run it once the key's lock is released; it never raises, a
+        failure is logged as a warning), or None when the cause was alerted recently.
     """
     cause = code or outcome
     last = state.alerts_sent.get(cause)
-    if last is not None and 0 <= now - last < ALERT_INTERVAL:
+    if last is not None and 0 <= now - last < DAILY_CAUSES.get(cause, ALERT_INTERVAL):
         _log.debug("%s renewal alert for %s already sent %.0f s ago; not repeated", market, cause, now - last)
-        return
+        return None
     state.alerts_sent = {
-        key: at for key, at in state.alerts_sent.items() if 0 <= now - at < ALERT_INTERVAL
+        key: at for key, at in state.alerts_sent.items()
+        if 0 <= now - at < DAILY_CAUSES.get(key, ALERT_INTERVAL)
     }
     state.alerts_sent[cause] = now
     text = alert_text(
         market=market, environment=environment, outcome=outcome, code=code,
         message=message, seconds_left=seconds_left,
     )
-    _post(url, text, market)
+    return lambda: post_with_deadline(url, text, market)
+
+
+def send_renewal_alert(url: str, state: RenewalState, **details: Any) -> None:
+    """:func:`prepare_renewal_alert` and post it at once (for callers that hold no lock)."""
+    post = prepare_renewal_alert(url, state, **details)
+    if post is not None:
+        post()
 
 
 def alert_text(
@@ -139,6 +158,16 @@ def _clip(message: str | None) -> str | None:
         return None
     message = " ".join(message.split())
     return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
+
+
+def post_with_deadline(url: str, text: str, market: str, deadline: float = DEADLINE) -> None:
+    """:func:`_post` in a daemon thread, waited on for at most ``deadline`` seconds of wall time."""
+    worker = threading.Thread(target=_post, args=(url, text, market), name="kis-token-alert", daemon=True)
+    worker.start()
+    worker.join(deadline)
+    if worker.is_alive():
+        _log.warning("%s renewal alert to %s: no answer within %g s; not waiting longer",
+                     market, redacted_url(url), deadline)
 
 
 def _post(url: str, text: str, market: str) -> None:

@@ -102,6 +102,13 @@ class ApprovalKind:
             return "it was issued to another app key"
         return None
 
+    def calibrate(self) -> bool:
+        """Read the broker's clock into the manager's (one ``GET``, no request for a key)."""
+        from common import kis_client
+
+        return kis_client.probe_date(self.manager.get_api_url(), self.manager.now.observe,
+                                     session=self.manager.session)
+
     def issue(self, current: ApprovalRecord | None) -> ApprovalRecord:
         """One ``/oauth2/Approval`` (with its retries) for this market's key."""
         from common import kis_client
@@ -110,7 +117,7 @@ class ApprovalKind:
         app_key, app_secret = manager.get_app_credentials()
         key = kis_client.issue_approval_key(
             manager.get_api_url(), app_key, app_secret, sleep=manager.sleep, session=manager.session,
-            timeouts=manager.timeouts or kis_client.DEFAULT_TIMEOUTS,
+            timeouts=manager.timeouts or kis_client.DEFAULT_TIMEOUTS, on_date=manager.now.observe,
         )
         now = float(int(manager.now()))
         _log.info("obtained a WebSocket approval key %s for the %s key", mask_token(key), manager.market)

@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from common import file_store, outcomes, store_select
+from common import file_store, host_clock, outcomes, store_select
 from common.aio import AsyncMethods
 from common.approval_kind import ApprovalKind, ApprovalRecord
+from common.clock import BrokerClock
 from common.engine import RenewalEngine
-from common.errors import TokenUnavailableError
+from common.errors import KISTokenError, TokenUnavailableError
 from common.identity import Credential
 from common.policy import ADVISORY_JITTER, NO_BACKOFF, Action, Windows, check_horizon, decide
 from common.record import TokenRecord
@@ -39,7 +40,8 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
     Args:
         settings: configuration source (default: the environment, then ``.env``).
         store: the key's store (default: the one ``KIS_TOKEN_STORE`` selects, see ``common.store_select``).
-        clock: returns the time as epoch seconds (tests inject one).
+        clock: returns the local time as epoch seconds (tests inject one); the manager judges time
+            in the broker's clock (:attr:`now`), this one corrected by the broker's ``Date`` headers.
         sleep: waits between retries of the token request (tests inject one).
         session: a ``requests.Session`` for the broker, if the caller has one.
         windows: renewal windows and waits (default: :class:`common.policy.Windows`).
@@ -73,7 +75,7 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
             self.market_config.APP_KEY_VAR: app_key, self.market_config.APP_SECRET_VAR: app_secret,
             "KIS_ENV": environment, "KIS_TOKEN_DIR": token_dir,
         })
-        self.now: Callable[[], float] = clock or time.time  # epoch seconds; tests inject a clock
+        self.now = BrokerClock(clock or time.time)  # the broker's time; tests inject the local clock
         self.sleep = sleep or time.sleep
         self.session = session
         self.timeouts = timeouts
@@ -134,12 +136,20 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
 
     def _wired(self) -> tuple[RenewalEngine[TokenRecord], TokenKind]:
         if self._built is None:
+            self._start_clock()
             credential = Credential.of(self.environment, self.get_api_url(), self.get_app_credentials()[0])
             kind = TokenKind(self, credential)
             engine = self._engine(credential, "token", kind, store=self._key_store, mirror=kind,
                                   legacy=kind.legacy)
             self._built, self._token_engine = (engine, kind), engine
         return self._built
+
+    def _start_clock(self) -> None:
+        """Start from the offset the host's last process learned; keep every change for the next."""
+        directory = self.settings.token_dir
+        if not self.now.offset:
+            self.now.offset = host_clock.load_offset(directory)
+        self.now.on_change = lambda offset: host_clock.save_offset(directory, offset, self.now())
 
     def _approval_engine(self) -> RenewalEngine[ApprovalRecord]:
         if self._approval is None:
@@ -163,6 +173,8 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
             windows=self._windows._replace(advisory=self._windows.advisory + jitter),
             clock=self.now,
             observers=outcomes.observers(webhook, self.market, self.environment),
+            daily_limit=self.settings.daily_limit,
+            calibrate=kind.calibrate,
             **extra,
         )
 
@@ -252,11 +264,21 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
         """A token other than ``rejected``, which the broker refused (``EGW00123``/``EGW00121``):
         another process's newer one if there is one, else a renewal (one request at most)."""
         engine = self._wired()[0]
+        record = engine.snapshot[0]
+        if engine.backoff.active(self.now()):  # a failed attempt a moment ago: no lock, no disk
+            if record is not None and record.access_token != rejected and not self.is_token_expired(record):
+                return record.access_token
+            raise TokenUnavailableError(f"no {self.market} token to replace the rejected one: "
+                                        f"{engine.backoff.error}")
 
         def needed(record: TokenRecord | None, now: float) -> bool:
             return record is None or record.access_token == rejected or engine.due(record, now)
 
-        return engine.renew(engine.windows.lock_wait, needed).access_token
+        try:
+            return engine.renew(engine.windows.lock_wait, needed).access_token
+        except KISTokenError as exc:
+            engine.back_off(exc)
+            raise
 
     def warm_up(self, valid_for: float) -> tuple[TokenRecord, bool]:
         """Make sure the key's token stays valid ``valid_for`` seconds more; return it and whether a

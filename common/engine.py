@@ -8,6 +8,12 @@ to observers (bookkeeping, alerts); the engine knows nothing of markets, files o
 
 Within a process one thread renews while the others keep serving a usable credential. After a failed
 attempt the engine backs off in memory, so a refusal costs nothing per call.
+
+Nothing it reads is trusted blindly: a renewal state that is corrupt, not finite, out of range or in
+the broker's future counts as "a request may just have been made" (the one-a-minute memory errs on
+the safe side); a daily budget of issuances per key bounds any runaway; whatever the ``issue``
+function raises becomes a :class:`KISTokenError` that keeps the held credential in service; and
+observers' slow work (an alert's webhook) runs only after the key's lock is released.
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from common.errors import (
+    AnswerLostError,
+    BadResponseError,
     BrokerError,
     ConfigError,
+    DailyLimitError,
     KISTokenError,
     LockTimeoutError,
     RequestHeldBackError,
@@ -29,11 +38,18 @@ from common.errors import (
 )
 from common.policy import NO_BACKOFF, Action, Backoff, Expiring, Windows, decide, serve_until
 from common.record import CorruptRecordError
+from common.settings import DAILY_LIMIT_VAR
 from common.store import KeyStore, RenewalState
 
 R = TypeVar("R", bound=Expiring)
 R_contra = TypeVar("R_contra", contravariant=True)
 _NEVER = float("-inf")
+#: A last request stamped further than this in the future is looked at twice (the clock is checked).
+FUTURE_TOLERANCE = 5.0
+#: The broker's clock is read at most this often when the renewal state looks to be in the future.
+CALIBRATE_INTERVAL = 60.0
+#: The daily budget's window, and the longest in-memory pause after it refused.
+DAY, DAILY_LIMIT_PAUSE = 86400.0, 300.0
 _log = logging.getLogger(__name__)
 
 
@@ -57,7 +73,8 @@ class Outcome(NamedTuple):
 
 
 #: Observers see every outcome with the key's shared state, which they may update (it is saved after).
-Observer = Callable[[Outcome, RenewalState], None]
+#: Whatever is slow (a webhook) an observer returns as a callable, run once the key's lock is released.
+Observer = Callable[[Outcome, RenewalState], "Callable[[], object] | None"]
 
 
 class Mirror(Protocol[R_contra]):
@@ -84,6 +101,9 @@ class RenewalEngine(Generic[R]):
         observers: called with each :class:`Outcome`.
         mirror: copies of the record to keep up to date with each record this process takes up.
         legacy: returns a record left by an older version, to adopt when the store has none.
+        daily_limit: at most this many issuances per key in 24 h (0: no limit).
+        calibrate: reads the broker's clock into ``clock`` (True if it could); asked before a request
+            when the key's last request seems to lie in the future.
     """
 
     def __init__(
@@ -98,6 +118,8 @@ class RenewalEngine(Generic[R]):
         observers: Sequence[Observer] = (),
         mirror: Mirror[R] | None = None,
         legacy: Callable[[], R | None] | None = None,
+        daily_limit: int = 0,
+        calibrate: Callable[[], bool] | None = None,
     ) -> None:
         self.name = name
         self.store = store
@@ -109,6 +131,9 @@ class RenewalEngine(Generic[R]):
         self._observers = tuple(observers)
         self._mirror = mirror
         self._legacy = legacy
+        self.daily_limit = daily_limit
+        self._calibrate = calibrate
+        self._calibrated_at = _NEVER  # monotonic time of the last try
         self._mutex = threading.RLock()
         # (record, serve-from-memory-until, set-at): swapped whole, read lock-free. Serving needs
         # set-at <= now < until, so a clock stepped back never extends it.
@@ -164,20 +189,28 @@ class RenewalEngine(Generic[R]):
         except ConfigError:
             raise
         except KISTokenError as exc:
+            self.back_off(exc)
             now = self._clock()
             current = self.snapshot[0]
-            if isinstance(exc, RequestHeldBackError):
-                pause = exc.retry_in
-            elif isinstance(exc, LockTimeoutError):
-                pause = self.windows.mandatory_lock_wait
-            else:
-                pause = self.windows.min_request_interval
-            self.backoff = Backoff(now, now + pause, exc)
             if current is not None and current.seconds_left(now) > self.windows.expiry_margin:
                 self._log_kept(current, exc, now)
                 self._set(current, now)
                 return current
             raise TokenUnavailableError(f"no valid {self.name}: {exc}") from exc
+
+    def back_off(self, exc: KISTokenError) -> None:
+        """After a failed attempt, ask nothing more for a while (this process only, in memory): the
+        rest of the minute when held back, a few seconds when the lock was busy, else a minute."""
+        if isinstance(exc, DailyLimitError):
+            pause = min(exc.retry_in, DAILY_LIMIT_PAUSE)
+        elif isinstance(exc, RequestHeldBackError):
+            pause = exc.retry_in
+        elif isinstance(exc, LockTimeoutError):
+            pause = self.windows.mandatory_lock_wait
+        else:
+            pause = self.windows.min_request_interval
+        now = self._clock()
+        self.backoff = Backoff(now, now + pause, exc)
 
     def _log_kept(self, current: R, exc: KISTokenError, now: float) -> None:
         from common.clock import format_duration
@@ -199,39 +232,80 @@ class RenewalEngine(Generic[R]):
 
         Raises:
             RequestHeldBackError: a request for this key was sent less than a minute ago.
+            DailyLimitError: the key's daily budget of issuances is spent.
             LockTimeoutError: the lock was not had within ``lock_wait``.
+            StoreError: the record could not be stored (checked before anything is sent).
             KISTokenError: the broker refused or could not be reached (the held credential is kept).
         """
-        with self.hold(lock_wait):
-            self._sync(force=True, locked=True)
-            current = self.snapshot[0]
-            now = self._clock()
-            if not needed(current, now):
-                _log.debug("another process renewed the %s meanwhile", self.name)
-                return current  # type: ignore[return-value]
-            state = self.load_state()
-            left = None if current is None else current.seconds_left(now)
-            self._hold_back_if_too_soon(state, now, left)
-            state.last_request_at = now
-            self.store.state.save(state)
-            try:
-                record = self._issue(current)
-            except BrokerError as exc:
-                self._observe(state, Outcome("refused", self._clock(), exc.code, exc.broker_message, left))
-                raise
-            except KISTokenError as exc:
-                self._observe(state, Outcome("failed", self._clock(), None, str(exc), left))
-                raise
-            try:
-                record = self.put(record, locked=True)
-            except StoreError as exc:  # the broker issued it (and texted the user): never drop it
-                _log.error("cannot store the new %s (%s); serving it from memory", self.name, exc)
-                self._set(record, self._clock())
-            same = current is not None and record == current
-            self.backoff = NO_BACKOFF
-            kind = "same_token" if same else "renewed"
-            self._observe(state, Outcome(kind, self._clock(), seconds_left=left))
-            return record
+        after: list[Callable[[], object]] = []  # observers' slow work, run once the lock is released
+        try:
+            with self.hold(lock_wait):
+                return self._renew_locked(needed, after)
+        finally:
+            for action in after:
+                try:
+                    action()
+                except Exception as exc:  # an observer must never stop the credential from being served
+                    _log.warning("%s outcome observer failed: %s", self.name, type(exc).__name__)
+
+    def _renew_locked(
+        self, needed: Callable[[R | None, float], bool], after: list[Callable[[], object]]
+    ) -> R:
+        self._sync(force=True, locked=True)
+        current = self.snapshot[0]
+        now = self._clock()
+        if not needed(current, now):
+            _log.debug("another process renewed the %s meanwhile", self.name)
+            return current  # type: ignore[return-value]
+        state = self.load_state()
+        now = self._hold_back_if_too_soon(state, now, current, after)
+        left = None if current is None else current.seconds_left(now)
+        self._keep_to_daily_limit(state, now, left, after)
+        getattr(self.store.record, "ready", lambda: None)()  # TODO(merge trust-files): direct call
+        getattr(self.store.lock, "confirm", lambda: None)()
+        offset = self._offset()
+        state.last_request_at = now
+        self.store.state.save(state)
+        try:
+            record = self._issue(current)
+        except BrokerError as exc:
+            self._restamp(state, now, offset)
+            self._observe(state, Outcome("refused", self._clock(), exc.code, exc.broker_message, left), after)
+            raise
+        except KISTokenError as exc:
+            self._restamp(state, now, offset)
+            if isinstance(exc, AnswerLostError):  # it may have been issued: count it against the day
+                state.issuances.append(state.last_request_at)
+            self._observe(state, Outcome("failed", self._clock(), None, str(exc), left), after)
+            raise
+        except Exception as exc:  # a garbled answer the client did not foresee: a failure like any other
+            self._restamp(state, now, offset)
+            error = BadResponseError(f"the broker's answer could not be read ({type(exc).__name__})")
+            self._observe(state, Outcome("failed", self._clock(), None, str(error), left), after)
+            raise error from exc
+        self._restamp(state, now, offset)
+        try:
+            record = self.put(record, locked=True)
+        except StoreError as exc:  # the broker issued it (and texted the user): never drop it
+            _log.error("cannot store the new %s (%s); serving it from memory", self.name, exc)
+            self._set(record, self._clock())
+        same = current is not None and record == current
+        self.backoff = NO_BACKOFF
+        if not same:
+            state.issuances.append(self._clock())
+        kind = "same_token" if same else "renewed"
+        self._observe(state, Outcome(kind, self._clock(), seconds_left=left), after)
+        return record
+
+    def _offset(self) -> float:
+        return float(getattr(self._clock, "offset", 0.0))
+
+    def _restamp(self, state: RenewalState, stamped: float, offset: float) -> None:
+        """Put the last request in the broker's time if the request just taught the clock an offset
+        (a host whose clock ran a day ahead must not leave a stamp that holds every host back a day)."""
+        shift = self._offset() - offset
+        if shift:
+            state.last_request_at = stamped + shift
 
     @contextlib.contextmanager
     def hold(self, lock_wait: float) -> Iterator[None]:
@@ -239,44 +313,99 @@ class RenewalEngine(Generic[R]):
         with self._mutex, self.store.lock.hold(lock_wait):
             yield
 
-    def _hold_back_if_too_soon(self, state: RenewalState, now: float, left: float | None) -> None:
-        """Refuse to send a request within ``min_request_interval`` of the key's last one.
+    def _hold_back_if_too_soon(
+        self, state: RenewalState, now: float, current: R | None, after: list[Callable[[], object]]
+    ) -> float:
+        """Refuse to send a request within ``min_request_interval`` of the key's last one; return the
+        time now (in the broker's clock, read again if the last request seemed to lie in the future).
 
-        A last request "in the future" means the clock stepped back: how long ago it really was is
-        unknown, so the request is held back for one interval from now (and the memory re-stamped).
+        A last request stamped in the future is either this host's clock running behind (the broker's
+        clock is read, once a minute at most, and judged again) or a lie; a lie that the broker's
+        clock confirms counts as a request made just now (re-stamped, so the hold lasts one interval).
+        Without the broker's clock it holds back. The stamp never moves back otherwise.
         """
         last = state.last_request_at
         interval = self.windows.min_request_interval
+        ago = None
+        if last is not None and last > now + FUTURE_TOLERANCE:
+            if self._read_broker_clock():
+                now = self._clock()
+            if last > now + FUTURE_TOLERANCE and self._clock_known():
+                state.last_request_at = last = now
+                ago = "just now (its stamp lay in the broker's future)"
+            elif last > now + FUTURE_TOLERANCE:
+                ago = (f"{last - now:.0f} s in this host's future (a clock that disagrees with another "
+                       "host's, and the broker's clock could not be read)")
+                last = now
         if last is None or now - last >= interval:
-            return
-        if now < last:
-            state.last_request_at = last = now
-            ago = "just now (the clock stepped back)"
-        else:
-            ago = f"{now - last:.0f} s ago"
+            return now
         retry_in = last + interval - now
+        if state.unreadable:
+            ago = "possibly just now (the key's renewal state was unreadable)"
         message = (
-            f"a {self.name} was requested {ago} for this app key; the broker allows one a minute "
-            f"(next request possible in {retry_in:.0f} s)"
+            f"a {self.name} was requested {ago or f'{now - last:.0f} s ago'} for this app key; the broker "
+            f"allows one a minute (next request possible in {retry_in:.0f} s)"
         )
-        self._observe(state, Outcome("held_back", now, "LOCAL", message, left))
+        left = None if current is None else current.seconds_left(now)
+        self._observe(state, Outcome("held_back", now, "LOCAL", message, left), after)
         raise RequestHeldBackError(message, retry_in)
 
-    def _observe(self, state: RenewalState, outcome: Outcome) -> None:
+    def _read_broker_clock(self) -> bool:
+        """Read the broker's clock (at most once per :data:`CALIBRATE_INTERVAL`); True if read now."""
+        import time
+
+        if self._calibrate is None or time.monotonic() - self._calibrated_at < CALIBRATE_INTERVAL:
+            return False
+        self._calibrated_at = time.monotonic()
+        try:
+            return bool(self._calibrate())
+        except Exception as exc:
+            _log.debug("cannot read the broker's clock: %s", type(exc).__name__)
+            return False
+
+    def _clock_known(self) -> bool:
+        return getattr(self._clock, "calibrated_at", None) is not None
+
+    def _keep_to_daily_limit(
+        self, state: RenewalState, now: float, left: float | None, after: list[Callable[[], object]]
+    ) -> None:
+        """Refuse a request once the key's daily budget of issuances is spent (0: no budget)."""
+        state.issuances = state.recent_issuances(now, DAY)
+        if not self.daily_limit or len(state.issuances) < self.daily_limit:
+            return
+        from common.clock import format_duration
+
+        retry_in = max(1.0, min(state.issuances) + DAY - now)
+        message = (
+            f"{len(state.issuances)} {self.name}s were issued to this app key in the last 24 h, its "
+            f"daily limit ({DAILY_LIMIT_VAR}={self.daily_limit}); no request for {format_duration(retry_in)} "
+            f"(raise {DAILY_LIMIT_VAR}, or set it to 0 for no limit)"
+        )
+        self._observe(state, Outcome("refused", now, DailyLimitError.CODE, message, left), after)
+        raise DailyLimitError(message, retry_in)
+
+    def _observe(self, state: RenewalState, outcome: Outcome, after: list[Callable[[], object]]) -> None:
         for observer in self._observers:
             try:
-                observer(outcome, state)
+                later = observer(outcome, state)
             except Exception as exc:  # an observer must never stop the credential from being served
                 _log.warning("%s outcome observer failed: %s", self.name, type(exc).__name__)
+                continue
+            if later is not None:
+                after.append(later)
         self.store.state.save(state)
 
     def load_state(self) -> RenewalState:
-        """The key's shared renewal memory; an unusable one counts as empty (warning logged)."""
+        """The key's shared renewal memory. An unusable one counts as "a request may just have been
+        made" (warning logged): the one-a-minute memory errs on the safe side."""
         try:
             return self.store.state.load()
         except CorruptRecordError as exc:
-            _log.warning("ignoring the %s renewal state: %s", self.name, exc)
-            return RenewalState()
+            _log.warning("the %s renewal state is unusable (%s); counting it as a request made just now",
+                         self.name, exc)
+            state = RenewalState(last_request_at=self._clock())
+            state.unreadable = True
+            return state
 
     # -- store and memory ---------------------------------------------------------------------------
 

@@ -47,14 +47,22 @@ class RateLimitedError(BrokerError):
 class RequestHeldBackError(RateLimitedError):
     """This host asked less than a minute ago, so the request was not sent at all."""
 
+    CODE = "LOCAL"
+
     def __init__(self, message: str, retry_in: float = 0.0) -> None:
-        super().__init__("LOCAL", message)
+        super().__init__(self.CODE, message)
         self.args = (f"not asking the broker: {message}",)
         #: seconds until a request may be sent again
         self.retry_in = retry_in
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class DailyLimitError(RequestHeldBackError):
+    """The key's daily budget of issuances (``KIS_TOKEN_DAILY_LIMIT``) is spent: nothing was sent."""
+
+    CODE = "DAILY_LIMIT"
 
 
 class CredentialsError(BrokerError):

@@ -13,10 +13,17 @@ retried, whatever its HTTP status; nor is a 4xx answer with any broker code.
 Each attempt has a wall-clock deadline (``Timeouts.attempt``) over connect, headers and body: the
 body is read as it arrives and the attempt is cut off at its deadline, so a broker that drips its
 answer a byte at a time costs one attempt's time, not minutes.
+
+Any answer, however garbled (an unknown charset, deep nesting, wrong types, a non-ASCII or huge
+token, an oversized body), is a :class:`KISTokenError` with a one-line reason; nothing else escapes.
+Every answer's ``Date`` header (refusals included) is handed to ``on_date``, so the caller can judge
+time in the broker's clock (``common.clock.BrokerClock``). Redirects are never followed: the app
+secret goes to the broker's host only.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import threading
@@ -52,6 +59,10 @@ REVOKE_PATH = "/oauth2/revokeP"
 APPROVAL_PATH = "/oauth2/Approval"
 
 MAX_ANSWER = 1 << 20
+#: The longest token or approval key believed (the broker's JWTs are a few hundred characters).
+MAX_CREDENTIAL = 4096
+#: The longest broker code or message kept from a refusal.
+MAX_CODE, MAX_MESSAGE = 32, 300
 
 #: Tokens live 24 h; an expiry further away than this is a garbled answer, not a token to keep.
 MAX_LIFETIME = 7 * 86400.0
@@ -90,6 +101,10 @@ class Timeouts:
 DEFAULT_TIMEOUTS = Timeouts()
 
 
+#: Called with each answer's ``Date`` header (or None), as soon as the answer's headers arrive.
+DateObserver = Callable[[object], object]
+
+
 @dataclass(frozen=True)
 class IssuedToken:
     """A token as the broker issued it."""
@@ -109,6 +124,7 @@ def issue_token(
     session: requests.Session | None = None,
     min_lifetime: float = 0.0,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    on_date: DateObserver | None = None,
 ) -> IssuedToken:
     """Ask ``POST /oauth2/tokenP`` for a token.
 
@@ -121,6 +137,7 @@ def issue_token(
         session: a ``requests.Session`` to send with, else a plain request.
         min_lifetime: a token with no more than this many seconds left is refused as unusable.
         timeouts: deadlines, attempts and backoff.
+        on_date: given each answer's ``Date`` header before the answer is judged.
 
     Returns:
         The token and its expiry, taken from ``access_token_token_expired`` (Korea time), or from
@@ -135,7 +152,7 @@ def issue_token(
             an expiry already past, within ``min_lifetime`` or beyond :data:`MAX_LIFETIME`).
     """
     body = {"grant_type": "client_credentials", "appkey": app_key, "appsecret": app_secret}
-    data = _post_with_retries(base_url + TOKEN_PATH, body, sleep, session, timeouts)
+    data = _post_with_retries(base_url + TOKEN_PATH, body, sleep, session, timeouts, on_date)
     return _read_token(data, now(), min_lifetime)
 
 
@@ -148,10 +165,11 @@ def revoke_token(
     sleep: Callable[[float], None] = time.sleep,
     session: requests.Session | None = None,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    on_date: DateObserver | None = None,
 ) -> None:
     """Revoke ``token`` with ``POST /oauth2/revokeP``; raise like :func:`issue_token` on refusal."""
     body = {"appkey": app_key, "appsecret": app_secret, "token": token}
-    data = _post_with_retries(base_url + REVOKE_PATH, body, sleep, session, timeouts)
+    data = _post_with_retries(base_url + REVOKE_PATH, body, sleep, session, timeouts, on_date)
     if str(data.get("code")) != "200":
         raise BadResponseError(f"revoke answered without success: {data.get('message')!r}")
 
@@ -164,6 +182,7 @@ def issue_approval_key(
     sleep: Callable[[float], None] = time.sleep,
     session: requests.Session | None = None,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    on_date: DateObserver | None = None,
 ) -> str:
     """Ask ``POST /oauth2/Approval`` for a WebSocket approval key (the secret goes as ``secretkey``).
 
@@ -173,11 +192,38 @@ def issue_approval_key(
         BadResponseError: the answer is JSON without a usable ``approval_key``.
     """
     body = {"grant_type": "client_credentials", "appkey": app_key, "secretkey": app_secret}
-    data = _post_with_retries(base_url + APPROVAL_PATH, body, sleep, session, timeouts)
+    data = _post_with_retries(base_url + APPROVAL_PATH, body, sleep, session, timeouts, on_date)
     key = data.get("approval_key")
-    if not isinstance(key, str) or not key.strip() or any(c.isspace() for c in key) or len(key) > 512:
-        raise BadResponseError("approval answer has no usable approval_key")
-    return key
+    if not _is_credential(key, 512):
+        raise BadResponseError("approval answer has no usable approval_key (missing, not a string, "
+                               "not printable ASCII, or too long)")
+    return key  # type: ignore[return-value]
+
+
+def probe_date(
+    base_url: str,
+    on_date: DateObserver,
+    *,
+    session: requests.Session | None = None,
+    timeout: float = 3.0,
+) -> bool:
+    """Read the broker's clock: one ``GET`` of the base URL (no credentials, no token request),
+    whose answer's ``Date`` header goes to ``on_date``; True if an answer came."""
+    sender = session or requests
+    try:
+        with sender.get(base_url + "/", timeout=(timeout, timeout), stream=True,
+                        allow_redirects=False) as response:
+            on_date(response.headers.get("Date"))
+            return True
+    except Exception as exc:  # a probe is advice: never an error
+        _log.debug("cannot read the broker's clock at %s: %s", mask_url(base_url), type(exc).__name__)
+        return False
+
+
+def _is_credential(value: object, limit: int = MAX_CREDENTIAL) -> bool:
+    """A token or key we can send back in a header: printable ASCII without blanks, not too long."""
+    return (isinstance(value, str) and 0 < len(value) <= limit and value.isascii()
+            and value.isprintable() and not any(c.isspace() for c in value))
 
 
 def _post_with_retries(
@@ -186,6 +232,7 @@ def _post_with_retries(
     sleep: Callable[[float], None],
     session: requests.Session | None,
     timeouts: Timeouts,
+    on_date: DateObserver | None = None,
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeouts.budget
     retrying = Retrying(
@@ -198,7 +245,7 @@ def _post_with_retries(
         before_sleep=_log_retry,
         reraise=True,
     )
-    return retrying(_post_once, url, body, session, deadline, timeouts)
+    return retrying(_post_once, url, body, session, deadline, timeouts, on_date)
 
 
 def _log_retry(retry_state: Any) -> None:
@@ -211,7 +258,12 @@ def _log_retry(retry_state: Any) -> None:
 
 
 def _post_once(
-    url: str, body: dict[str, str], session: requests.Session | None, deadline: float, timeouts: Timeouts
+    url: str,
+    body: dict[str, str],
+    session: requests.Session | None,
+    deadline: float,
+    timeouts: Timeouts,
+    on_date: DateObserver | None = None,
 ) -> dict[str, Any]:
     """One attempt, cut off at its wall-clock deadline wherever it is (connect, headers or body).
 
@@ -228,7 +280,7 @@ def _post_once(
 
     def attempt() -> None:
         try:
-            box["answer"] = _exchange(url, body, session, limit, patience, timeouts.connect, box)
+            box["answer"] = _exchange(url, body, session, limit, patience, timeouts.connect, box, on_date)
         except BaseException as exc:
             box["error"] = exc
 
@@ -254,13 +306,16 @@ def _exchange(
     patience: float,
     connect: float,
     progress: dict[str, Any],
+    on_date: DateObserver | None = None,
 ) -> tuple[int, str]:
     """POST ``body`` and read the answer as it arrives: an error answer until ``limit`` seconds after
     the start, a success until ``patience``; ``progress["status"]`` is set once the status is known."""
     started = time.monotonic()
     sender = session or requests
     try:
-        with sender.post(url, json=body, timeout=(min(connect, limit), limit), stream=True) as response:
+        with sender.post(url, json=body, timeout=(min(connect, limit), limit), stream=True,
+                         allow_redirects=False) as response:
+            _tell_date(on_date, response.headers.get("Date"))
             progress["status"] = status = response.status_code
             success = 200 <= status < 300
             deadline = started + (patience if success else limit)
@@ -279,16 +334,36 @@ def _exchange(
                 size += len(chunk)
                 if size > MAX_ANSWER:
                     raise TransientError(f"the answer from {mask_url(url)} is over {MAX_ANSWER} bytes")
-            return status, b"".join(parts).decode(response.encoding or "utf-8", errors="replace")
+            return status, _decode(b"".join(parts), response.encoding)
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise TransientError(f"broker unreachable at {mask_url(url)}: {type(exc).__name__}") from None
+
+
+def _tell_date(on_date: DateObserver | None, value: object) -> None:
+    if on_date is not None:
+        try:
+            on_date(value)
+        except Exception as exc:  # the clock is advice: it must never lose an answer
+            _log.warning("cannot read the broker's Date header: %s", type(exc).__name__)
+
+
+def _decode(raw: bytes, encoding: str | None) -> str:
+    """The body as text: its declared charset if Python knows it, else UTF-8; bad bytes replaced."""
+    try:
+        codec = codecs.lookup(encoding or "utf-8").name
+    except (LookupError, TypeError, ValueError):
+        codec = "utf-8"
+    try:
+        return raw.decode(codec, errors="replace")
+    except Exception:  # a codec that is no text codec (e.g. a bytes-to-bytes one)
+        return raw.decode("utf-8", errors="replace")
 
 
 def _read_answer(status: int, text: str) -> dict[str, Any]:
     """Classify an answer: a refusal with a code, a transient fault, or a JSON object."""
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if isinstance(data, dict):
         refusal = _refusal(data, status)
@@ -311,11 +386,14 @@ def _read_answer(status: int, text: str) -> dict[str, Any]:
 def _refusal(data: dict[str, Any], status: int) -> BrokerError | None:
     code = data.get("error_code")
     message = data.get("error_description")
-    if code is None and str(data.get("rt_cd", "0")) != "0":
+    if code is None and data.get("rt_cd", "0") not in ("0", 0):
         code, message = data.get("msg_cd"), data.get("msg1")
     if code is None:
         return None
-    code, message = str(code), str(message or "")
+    if isinstance(code, bool) or not isinstance(code, (str, int)) or not str(code).isprintable():
+        code = "garbled"
+    code = str(code)[:MAX_CODE]
+    message = " ".join(message.split())[:MAX_MESSAGE] if isinstance(message, str) else ""
     if code == RATE_LIMIT_CODE:
         return RateLimitedError(code, message, status)
     if code in CREDENTIAL_CODES:
@@ -325,11 +403,12 @@ def _refusal(data: dict[str, Any], status: int) -> BrokerError | None:
 
 def _read_token(data: dict[str, Any], now: float, min_lifetime: float) -> IssuedToken:
     token = data.get("access_token")
-    if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token):
-        raise BadResponseError("token answer has no usable access_token")
+    if not _is_credential(token):
+        raise BadResponseError("token answer has no usable access_token (missing, not a string, not "
+                               "printable ASCII, or too long)")
     token_type = data.get("token_type", "Bearer")
-    if not isinstance(token_type, str) or not token_type.strip():
-        raise BadResponseError("token answer has a token_type that is not a string")
+    if not isinstance(token_type, str) or not _is_credential(token_type.strip(), 32):
+        raise BadResponseError("token answer has a token_type that is not a short ASCII word")
     expires_at = _read_expiry(data, now)
     if expires_at <= now:
         raise BadResponseError("the broker issued a token that is already expired")

@@ -6,6 +6,7 @@ The engine calls each observer with the :class:`~common.engine.Outcome` and the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -33,13 +34,14 @@ class AlertObserver:
         self.market = market
         self.environment = environment
 
-    def __call__(self, outcome: Any, state: Any) -> None:
-        """Alert on ``refused`` and ``failed``; the stamps that hold repeats back go into ``state``."""
+    def __call__(self, outcome: Any, state: Any) -> Callable[[], None] | None:
+        """Alert on ``refused`` and ``failed``: the stamps that hold repeats back go into ``state``, and
+        the post itself is returned, for the engine to run once the key's lock is released."""
         if outcome.kind not in ("refused", "failed"):
-            return
+            return None
         from common import alerts
 
-        alerts.send_renewal_alert(
+        return alerts.prepare_renewal_alert(
             self.url,
             state,
             market=self.market,

@@ -30,6 +30,9 @@ BASE_URL_VAR = "KIS_BASE_URL"
 TOKEN_DIR_VAR = "KIS_TOKEN_DIR"
 DOTENV_PATH_VAR = "KIS_DOTENV_PATH"
 LOG_LEVEL_VAR = "KIS_LOG_LEVEL"
+DAILY_LIMIT_VAR = "KIS_TOKEN_DAILY_LIMIT"
+#: Issuances per app key in 24 h: a day needs one or two, so ten bounds any runaway (10 texts).
+DEFAULT_DAILY_LIMIT = 10
 
 
 def default_token_dir(environ: Mapping[str, str], environment: str) -> Path:
@@ -132,6 +135,19 @@ class Settings:
         if level not in LOG_LEVELS:
             raise ConfigError(f"{LOG_LEVEL_VAR} must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
         return level
+
+    @property
+    def daily_limit(self) -> int:
+        """At most this many token issuances per app key in 24 h (``KIS_TOKEN_DAILY_LIMIT``; 0: none)."""
+        value = self.get(DAILY_LIMIT_VAR)
+        if value is None:
+            return DEFAULT_DAILY_LIMIT
+        if not value.isdigit() or int(value) > 10000:
+            raise ConfigError(
+                f"{DAILY_LIMIT_VAR} must be a whole number of issuances per app key a day (0 for no "
+                f"limit; default {DEFAULT_DAILY_LIMIT}), not {value!r}"
+            )
+        return int(value)
 
     def base_url(self, market_var: str) -> str:
         """The broker's base URL: ``market_var``, else ``KIS_BASE_URL``, else the host of ``KIS_ENV``."""

@@ -32,7 +32,12 @@ _STATE_DEFAULTS: dict[str, Any] = {
     "failures": 0,
     "alerts_sent": {},
     "legacy_closed": False,
+    "issuances": [],
 }
+#: Stored times outside this range (2000-01-01 .. 2100-01-01 UTC) are garbage, not times.
+_EARLIEST, _LATEST = 946684800.0, 4102444800.0
+#: Issuances remembered for the daily budget: the last 24 h, at most this many.
+MAX_ISSUANCES = 1000
 
 
 class RenewalState:
@@ -51,6 +56,12 @@ class RenewalState:
         alerts_sent: cause -> epoch of the last alert sent for it.
         legacy_closed: a record left by version 0.1 was taken up, or the key's token deleted: such
             left-over files are never taken up again (a deleted token must not come back).
+        issuances: when the broker issued (or may have issued) a new credential, for the daily
+            budget (the last 24 h; broker time).
+
+    Every time is in the broker's time (``common.clock.BrokerClock``). A state that cannot be
+    parsed, or whose times are not finite or out of range, is refused whole
+    (:class:`CorruptRecordError`): the engine then counts it as "a request may just have been made".
     """
 
     last_request_at: float | None
@@ -64,11 +75,14 @@ class RenewalState:
     failures: int
     alerts_sent: dict[str, float]
     legacy_closed: bool
+    issuances: list[float]
+    #: True for the stand-in the engine builds when the stored state could not be read (not stored).
+    unreadable: bool = False
 
     def __init__(self, **values: Any) -> None:
         for name, default in _STATE_DEFAULTS.items():
             value = values.get(name, default)
-            setattr(self, name, dict(value) if isinstance(value, dict) else value)
+            setattr(self, name, type(value)(value) if isinstance(value, (dict, list)) else value)
 
     def to_dict(self) -> dict[str, Any]:
         """The state as a JSON-ready dict."""
@@ -85,24 +99,37 @@ class RenewalState:
             raise CorruptRecordError("expected a JSON object")
         for name, default in _STATE_DEFAULTS.items():
             if name in data and not _same_kind(data[name], default, name):
-                raise CorruptRecordError(f"field {name!r} has the wrong type")
+                raise CorruptRecordError(f"field {name!r} has the wrong type or an impossible value")
         return cls(**data)
+
+    def recent_issuances(self, now: float, window: float = 86400.0) -> list[float]:
+        """The issuances within ``window`` seconds before ``now`` (and none "in the future")."""
+        return [at for at in self.issuances if now - window < at <= now + window]
 
 
 def _same_kind(value: object, default: object, name: str) -> bool:
     if isinstance(default, bool):
         return isinstance(value, bool)
     if name.endswith("_at"):
-        return value is None or _is_number(value)
+        return value is None or _is_time(value)
     if name in ("last_outcome", "last_code", "last_message"):
         return value is None or isinstance(value, str)
-    if isinstance(default, dict):  # counters and times by code: numbers only
-        return isinstance(value, dict) and all(_is_number(v) for v in value.values())
-    return _is_number(value)
+    if name == "issuances":
+        return isinstance(value, list) and len(value) <= MAX_ISSUANCES and all(map(_is_time, value))
+    if name == "alerts_sent":
+        return isinstance(value, dict) and all(_is_time(v) for v in value.values())
+    if isinstance(default, dict):  # counters by code: finite numbers only
+        return isinstance(value, dict) and all(_is_count(v) for v in value.values())
+    return _is_count(value)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_count(value: object) -> bool:
+    """A finite, non-negative number (NaN and the infinities fail every comparison)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e15
+
+
+def _is_time(value: object) -> bool:
+    return _is_count(value) and _EARLIEST <= value <= _LATEST  # type: ignore[operator]
 
 
 class RecordStore(Protocol[R]):

@@ -48,7 +48,7 @@ class TokenKind:
         issued = kis_client.issue_token(
             manager.get_api_url(), app_key, app_secret, now=manager.now, sleep=manager.sleep,
             session=manager.session, min_lifetime=manager.windows.expiry_margin,
-            timeouts=manager.timeouts or kis_client.DEFAULT_TIMEOUTS,
+            timeouts=manager.timeouts or kis_client.DEFAULT_TIMEOUTS, on_date=manager.now.observe,
         )
         if current is not None and issued.access_token == current.access_token:
             _log.info("the broker re-sent the same %s token", manager.market)
@@ -66,8 +66,16 @@ class TokenKind:
         app_key, app_secret = manager.get_app_credentials()
         kis_client.revoke_token(manager.get_api_url(), app_key, app_secret, record.access_token,
                                 sleep=manager.sleep, session=manager.session,
-                                timeouts=manager.timeouts or kis_client.DEFAULT_TIMEOUTS)
+                                timeouts=manager.timeouts or kis_client.DEFAULT_TIMEOUTS,
+                                on_date=manager.now.observe)
         _log.info("revoked the %s token %s at the broker", manager.market, mask_token(record.access_token))
+
+    def calibrate(self) -> bool:
+        """Read the broker's clock into the manager's (one ``GET``, no token request)."""
+        from common import kis_client
+
+        return kis_client.probe_date(self.manager.get_api_url(), self.manager.now.observe,
+                                     session=self.manager.session)
 
     def holds(self, record: TokenRecord) -> bool:
         """True if this market's story files already show the key's ``record``."""

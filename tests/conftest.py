@@ -51,6 +51,11 @@ class SleepRecorder:
             self.clock.advance(seconds)
 
 
+def token_calls(mock) -> list:
+    """The calls a ``responses`` mock saw to the token endpoint (not a look at the broker's clock)."""
+    return [call for call in mock.calls if call.request.url.endswith("/oauth2/tokenP")]
+
+
 def kst(epoch: float) -> str:
     """The broker's expiry format for an epoch time."""
     return datetime.fromtimestamp(epoch, KST).strftime("%Y-%m-%d %H:%M:%S")

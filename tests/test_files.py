@@ -191,13 +191,13 @@ def test_delete_removes_the_keys_token_and_only_this_markets_story_files(us, kr,
     assert us.delete_token() == []
 
 
-def test_corrupt_renewal_state_is_ignored_with_a_warning(us, clock, caplog):
+def test_corrupt_renewal_state_counts_as_a_request_just_made_with_a_warning(us, clock, caplog):
     us.settings.token_dir.mkdir(mode=0o700, parents=True)
     us.store.state.path.write_text('{"last_request_at": "yesterday"}')
     with caplog.at_level(logging.WARNING):
         state = us.load_renewal_state()
-    assert state.last_request_at is None
-    assert "renewal state" in caplog.text
+    assert state.last_request_at == clock() and state.unreadable
+    assert "renewal state" in caplog.text and "counting it as a request made just now" in caplog.text
 
 
 def test_temp_files_left_by_a_killed_writer_are_cleaned_up_later(us, clock):

@@ -83,7 +83,7 @@ def test_long_running_process_sees_another_processs_forced_refresh(proc_env, mak
 
 def test_processes_killed_at_random_instants_never_leave_a_broken_record(env, sandbox_process):
     sandbox_process.control("config", {"rate_limit": 0, "same_token_window": 0})
-    environ = {**env, "KIS_BASE_URL": sandbox_process.base_url}
+    environ = {**env, "KIS_BASE_URL": sandbox_process.base_url, "KIS_TOKEN_DAILY_LIMIT": "0"}
     context = multiprocessing.get_context("fork")
     checker = USTokenManager(Settings(environ, dotenv_path=False))
     rng = random.Random(7)

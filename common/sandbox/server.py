@@ -618,6 +618,12 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The ``Date`` header in the sandbox's own time (its clock and offset), as the broker's."""
+        from email.utils import formatdate
+
+        return formatdate(self.server.sandbox.now() if timestamp is None else timestamp, usegmt=True)
+
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.sandbox.verbose:
             sys.stderr.write(f"sandbox: {self.address_string()} {format % args}\n")
