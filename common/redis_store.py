@@ -459,12 +459,27 @@ class SharedStateStore:
         self.location = local.location
 
     def load(self) -> RenewalState:
-        """The server's state, else the host's."""
-        with contextlib.suppress(Unreachable):
-            state = self.link.call(self.shared.stored)
+        """The server's state or the host's, whichever saw the later request; never an unusable one
+        while the other is usable (a garbled state on the server does not wipe the host's memory).
+
+        Raises:
+            CorruptRecordError: neither can be used.
+        """
+        found: list[RenewalState] = []
+        problems: list[CorruptRecordError] = []
+        for read in (lambda: self.link.call(self.shared.stored), self.local.load):
+            try:
+                state = read()
+            except Unreachable:
+                continue
+            except CorruptRecordError as exc:
+                problems.append(exc)
+                continue
             if state is not None:
-                return state
-        return self.local.load()
+                found.append(state)
+        if not found and problems:
+            raise problems[0]
+        return max(found, key=lambda state: state.last_request_at or 0.0, default=RenewalState())
 
     def save(self, state: RenewalState) -> None:
         """Store the state on the server (if it answers) and in the host's file."""
