@@ -55,12 +55,14 @@ class Profile:
     one_key: tuple[int, ...]  # the N of single_flight also run with one app key in both markets
     kills: int
     memory_runs: int
+    fault_processes: int  # `get` processes started at once per fault row
+    timed_faults: bool  # also the fault rows that take seconds by design (slow, dripping)
 
 
 FULL = Profile(hot_batches=100, startup_rounds=21, single_flight=(1, 4, 16, 64), one_key=(1, 4, 16, 64),
-               kills=150, memory_runs=3)
+               kills=150, memory_runs=3, fault_processes=16, timed_faults=True)
 QUICK = Profile(hot_batches=100, startup_rounds=5, single_flight=(1, 4, 16), one_key=(16,), kills=30,
-                memory_runs=1)
+                memory_runs=1, fault_processes=2, timed_faults=False)
 
 
 # -- child processes ---------------------------------------------------------------------------

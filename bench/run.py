@@ -9,10 +9,11 @@ Performance section. Nothing here asserts on timings: a budget that is missed sh
 One module per section, in report order (each also runs alone: ``python bench/hot_path.py``; its
 docstring says what it measures): ``machine`` (0), ``hot_path`` (1), ``check_startup`` (2),
 ``single_flight`` (3), ``crash_safety`` (4), ``memory`` (5), ``trading_code`` (6), ``trading_week``
-(7); shared helpers are in ``_util``.
+(7), ``faults`` (8); shared helpers are in ``_util``.
 
 ``--quick`` runs fewer repetitions (5 start-up rounds, N up to 16 with one key in both markets at 16
-only, 30 kills, one memory run) for a shorter check of the script itself; ``--broker-delay SECONDS``
+only, 30 kills, one memory run, 2 processes per fault and not the faults that take seconds by
+design) for a shorter check of the script itself; ``--broker-delay SECONDS``
 changes the single-flight delay.
 """
 
@@ -22,6 +23,7 @@ import sys
 
 import check_startup
 import crash_safety
+import faults
 import hot_path
 import machine
 import memory
@@ -31,7 +33,7 @@ import trading_week
 from _util import main
 
 SECTIONS = (machine.run, hot_path.run, check_startup.run, single_flight.run, crash_safety.run, memory.run,
-            trading_code.run, trading_week.run)
+            trading_code.run, trading_week.run, faults.run)
 
 if __name__ == "__main__":
     sys.exit(main(SECTIONS, description=__doc__.splitlines()[0]))

@@ -53,6 +53,11 @@ from urllib.parse import parse_qsl, urlsplit
 KST = timezone(timedelta(hours=9), "KST")
 TOKEN_PATH = "/oauth2/tokenP"
 FAULT_MODES = ("5xx", "5xx_code", "5xx_ratelimit", "html", "truncated", "drop", "slow", "drip", "drip_5xx")
+#: Garbled token answers (``bench/faults.py``), served by :meth:`_Handler._serve_garbled`.
+GARBLED_MODES = ("bad_charset", "deep_json", "non_ascii_token", "wrong_types", "huge_body")
+FAULT_MODES += GARBLED_MODES
+#: Size of the ``huge_body`` answer: twice the largest answer a client should read.
+HUGE_BODY = 2_000_000
 MAX_BODY = 1 << 20
 
 Reply = tuple[int, dict[str, Any]]
@@ -260,6 +265,13 @@ class Sandbox:
         ``truncated`` (200, cut JSON), ``drop`` (close without answering), ``slow`` (answer
         normally after ``delay``), ``drip`` (the normal answer's headers at once, then its body one
         byte every ``delay`` seconds), ``drip_5xx`` (the same with a 503 answer).
+
+        Garbled token answers, all HTTP 200: ``bad_charset`` (the normal answer, so a token is issued
+        and counted, with ``Content-Type: application/json; charset=x-bogus``), ``deep_json``
+        (200,000 ``[``), ``non_ascii_token`` (a token answer whose ``access_token`` holds Hangul, a
+        token the sandbox never issued), ``wrong_types`` (a token answer whose ``access_token`` is a
+        list), ``huge_body`` (a 2,000,000-byte JSON token answer: a token the sandbox never issued,
+        padded). Except ``bad_charset``, they are not counted as token requests (like ``html``).
 
         Raises:
             ValueError: unknown mode, count below 1, negative delay or a bad path.
@@ -569,6 +581,9 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         path = urlsplit(self.path).path
         fault = None if path.startswith("/sandbox/") else sandbox._take_fault(path)
+        if fault is not None and fault.mode in GARBLED_MODES:
+            self._serve_garbled(fault.mode, method, raw)
+            return
         if fault is not None and fault.mode not in ("slow", "drip", "drip_5xx"):
             self._serve_fault(fault.mode)
             return
@@ -597,6 +612,35 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, "text/html;charset=UTF-8", _HTML_PAGE.encode())
         else:
             self._send(200, "application/json;charset=UTF-8", b'{"access_token": "abc')
+
+    def _serve_garbled(self, mode: str, method: str, raw: bytes) -> None:
+        """Serve one of :data:`GARBLED_MODES` (see :meth:`Sandbox.inject_fault`)."""
+        sandbox = self.server.sandbox
+        content_type = "application/json;charset=UTF-8"
+        if mode == "bad_charset":
+            status, payload = sandbox._route(method, self.path, self.headers, raw)
+            body = json.dumps(payload, ensure_ascii=False).encode()
+            self._send(status, "application/json; charset=x-bogus", body)
+            return
+        if mode == "deep_json":
+            self._send(200, content_type, b"[" * 200_000)
+            return
+        now = sandbox.now()
+        answer: dict[str, Any] = {
+            "access_token": "sbx-" + secrets.token_urlsafe(48),
+            "access_token_token_expired": datetime.fromtimestamp(now + sandbox.token_lifetime, KST)
+            .strftime("%Y-%m-%d %H:%M:%S"),
+            "token_type": "Bearer",
+            "expires_in": round(sandbox.token_lifetime),
+        }
+        if mode == "non_ascii_token":
+            answer["access_token"] = "sbx-토큰-" + secrets.token_urlsafe(32)
+        elif mode == "wrong_types":
+            answer["access_token"] = [answer["access_token"]]
+        else:  # huge_body
+            size = len(json.dumps({**answer, "padding": ""}).encode())
+            answer["padding"] = "x" * (HUGE_BODY - size)
+        self._send(200, content_type, json.dumps(answer, ensure_ascii=False).encode())
 
     def _send(self, status: int, content_type: str, body: bytes, drip: float | None = None) -> None:
         """Send the answer; with ``drip``, the body one byte every ``drip`` seconds after the headers."""
