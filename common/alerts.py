@@ -160,8 +160,9 @@ def _clip(message: str | None) -> str | None:
     return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
 
 
-def post_with_deadline(url: str, text: str, market: str, deadline: float = DEADLINE) -> None:
-    """:func:`_post` in a daemon thread, waited on for at most ``deadline`` seconds of wall time."""
+def post_with_deadline(url: str, text: str, market: str, deadline: float | None = None) -> None:
+    """:func:`_post` in a daemon thread, waited on for at most ``deadline`` (:data:`DEADLINE`) seconds."""
+    deadline = DEADLINE if deadline is None else deadline
     worker = threading.Thread(target=_post, args=(url, text, market), name="kis-token-alert", daemon=True)
     worker.start()
     worker.join(deadline)

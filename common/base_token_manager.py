@@ -136,20 +136,24 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
 
     def _wired(self) -> tuple[RenewalEngine[TokenRecord], TokenKind]:
         if self._built is None:
-            self._start_clock()
+            kept = self._start_clock()
             credential = Credential.of(self.environment, self.get_api_url(), self.get_app_credentials()[0])
             kind = TokenKind(self, credential)
+            if kept:  # another process's clock may not be this one's: read the broker's (one GET)
+                kind.calibrate()
             engine = self._engine(credential, "token", kind, store=self._key_store, mirror=kind,
                                   legacy=kind.legacy)
             self._built, self._token_engine = (engine, kind), engine
         return self._built
 
-    def _start_clock(self) -> None:
-        """Start from the offset the host's last process learned; keep every change for the next."""
+    def _start_clock(self) -> bool:
+        """Start from the offset the host's last process learned (True if there is one: a host whose
+        clock is off); keep every change for the host's next process."""
         directory = self.settings.token_dir
-        if not self.now.offset:
-            self.now.offset = host_clock.load_offset(directory)
+        kept = 0.0 if self.now.offset else host_clock.load_offset(directory)
+        self.now.offset = self.now.offset or kept
         self.now.on_change = lambda offset: host_clock.save_offset(directory, offset, self.now())
+        return bool(kept)
 
     def _approval_engine(self) -> RenewalEngine[ApprovalRecord]:
         if self._approval is None:

@@ -261,6 +261,10 @@ def _check(manager, args: argparse.Namespace) -> int:
     if approval is not None:
         age = format_duration(approval["age_seconds"])
         print(f"  approval: {approval['key']} (WebSocket approval key, {age} old)")
+    if info["clock"]:
+        print(f"  clock:    {info['clock']}")
+    limit = info["daily_limit"] or "no limit"
+    print(f"  issuances: {info['issued_24h']} in the last 24 h (daily limit {limit}: KIS_TOKEN_DAILY_LIMIT)")
     print(f"  key:      {info['key_fingerprint']} (record {info['files']['key_record']})")
     store = info["store"]
     reach = "answers" if store["reachable"] else f"unreachable: {store['error']}"

@@ -202,6 +202,8 @@ def render_table(report: dict[str, Any]) -> str:
              for row in rows]
     if report["shared"]:
         lines.append("us and kr share one token (the same app key and environment): one issuance serves both")
+    clocks = {info.get("clock") for info in report["markets"].values()} - {None}
+    lines.extend(f"clock: {text}" for text in sorted(clocks))
     return "\n".join(lines)
 
 

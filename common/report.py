@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from common import policy, store_select
-from common.clock import to_kst_iso
+from common.clock import describe_offset, to_kst_iso
 from common.record import mask_token
 
 SCHEMA = 1
@@ -55,6 +55,10 @@ def token_info(manager: Any) -> dict[str, Any]:
             "age_seconds": int(now - approval.issued_at),
             "valid": approval.seconds_left(now) > windows.expiry_margin,
         },
+        "clock_offset_seconds": round(manager.now.offset),
+        "clock": describe_offset(manager.now.offset),
+        "daily_limit": manager.settings.daily_limit,
+        "issued_24h": len(state.recent_issuances(now)),
         "store": store_select.describe(store),
         "files": {
             "record": str(mirror.record_path),
