@@ -33,10 +33,10 @@ import socket
 import threading
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 from common.clock import format_duration
 from common.policy import EXPIRY_MARGIN
+from common.settings import url_origin
 from common.store import RenewalState
 
 #: Seconds during which a second alert for the same market and cause is not sent.
@@ -140,17 +140,7 @@ def alert_text(
 
 def redacted_url(url: str) -> str:
     """Only the scheme and host (and port) of ``url``: what a log may show of a webhook."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        port = parts.port
-    except ValueError:
-        return "an invalid URL"
-    if not parts.scheme or not host:
-        return "an invalid URL"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+    return url_origin(url) or "an invalid URL"
 
 
 def _clip(message: str | None) -> str | None:

@@ -8,6 +8,11 @@ and ``appsecret`` to every request. When an answer's body says the token was rej
 tasks, since every caller asks :meth:`~common.base_token_manager.BaseTokenManager.replace_rejected_token`
 with the token it sent -- and the request is sent once more. A second rejection is returned as it
 is: no loop. A renewal that fails (one a minute, broker down) returns the first answer, logged.
+Any body, however odd (not JSON, not UTF-8, deeply nested, huge), is read without an exception.
+
+The three headers never follow a redirect to another origin (scheme, host or port; requests and
+httpx strip only ``Authorization`` themselves), and an answer from another origin is never taken
+for a rejection of the token.
 
 ``import common.auth`` does not import httpx; ``KISHttpxAuth`` does, on first use (the
 ``kis-token-manager[httpx]`` extra).
@@ -15,30 +20,83 @@ is: no loop. A renewal that fails (one a minute, broker down) returns the first 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import requests
+from requests.utils import requote_uri
 
 from common.errors import REJECTED_TOKEN_CODES, KISTokenError
 
 _log = logging.getLogger(__name__)
 
+#: The headers that carry the KIS credentials; none of them follows a redirect to another origin.
+KIS_HEADERS = ("authorization", "appkey", "appsecret")
+#: The port a scheme implies when a URL names none.
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
-def rejected_token_code(body: bytes | str) -> str | None:
-    """The broker's rejected-token code in an answer's body (``EGW00123``/``EGW00121``), or None."""
-    marker = b"EGW0012" if isinstance(body, bytes) else "EGW0012"
-    if marker not in body:  # type: ignore[operator]  # fast path: most answers never mention it
-        return None
+#: An origin: scheme, host and port, lowercased, the scheme's default port filled in.
+Origin = tuple[str, str, int | None]
+
+
+def rejected_token_code(answer: object) -> str | None:
+    """The broker's rejected-token code in an answer (``EGW00123``/``EGW00121``), or None.
+
+    Args:
+        answer: the raw body (``bytes`` or ``str``), or the decoded JSON (what mojito returns).
+
+    The code is the answer's ``msg_cd`` (else its ``error_code``), a string. Never raises: a body
+    that is not JSON, not UTF-8, nested too deep, huge or of any other shape has no code.
+    """
+    if isinstance(answer, bytes | bytearray):
+        if b"EGW0012" not in answer:  # fast path: most answers never mention it
+            return None
+    elif isinstance(answer, str):
+        if "EGW0012" not in answer:
+            return None
+    else:
+        return _code_of(answer)
     try:
-        data = json.loads(body)
-    except ValueError:
+        data = json.loads(answer)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8 (a ValueError), or nested too deep
         return None
+    return _code_of(data)
+
+
+def _code_of(data: object) -> str | None:
     if not isinstance(data, dict):
         return None
     code = data.get("msg_cd") or data.get("error_code")
-    return code if code in REJECTED_TOKEN_CODES else None
+    return code if isinstance(code, str) and code in REJECTED_TOKEN_CODES else None
+
+
+def origin_key(scheme: str, host: str, port: int | None) -> Origin:
+    """The origin of a URL's parts: lowercased, ``port`` defaulted from the scheme."""
+    scheme = scheme.lower()
+    return scheme, host.lower(), DEFAULT_PORTS.get(scheme) if port is None else port
+
+
+def origin(url: str) -> Origin | None:
+    """``url``'s origin (scheme, host, port), or None if it is not an absolute URL that parses."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.hostname:
+        return None
+    return origin_key(parts.scheme, parts.hostname, port)
+
+
+def same_origin(url: str, other: str) -> bool:
+    """Whether two absolute URLs share scheme, host and port: the same URL, or both parse to one origin."""
+    if url == other:
+        return True
+    here = origin(url)
+    return here is not None and here == origin(other)
 
 
 def kis_headers(manager: Any, token: str) -> dict[str, str]:
@@ -50,7 +108,7 @@ def kis_headers(manager: Any, token: str) -> dict[str, str]:
     credentials = manager.__dict__.get("_kis_auth_credentials")
     if credentials is None:
         credentials = manager._kis_auth_credentials = manager.get_app_credentials()
-    return {"authorization": f"Bearer {token}", "appkey": credentials[0], "appsecret": credentials[1]}
+    return dict(zip(KIS_HEADERS, (f"Bearer {token}", credentials[0], credentials[1]), strict=True))
 
 
 def log_rejection(manager: Any, code: str) -> None:
@@ -77,6 +135,12 @@ def replacement(manager: Any, sent: str, code: str) -> str | None:
 class KISAuth(requests.auth.AuthBase):
     """``requests`` authentication with the manager's token; renews and resends once on rejection.
 
+    The KIS headers never follow a redirect to another origin (scheme, host or port): requests
+    itself strips only ``Authorization``, so a response hook removes all three from a request
+    before ``Session.resolve_redirects`` copies it for such a hop (with ``allow_redirects=False``
+    too: ``response.request`` then shows them gone, and ``response.next`` goes without them). An
+    answer from another origin is never taken as a rejection of the token (that host never saw it).
+
     Args:
         manager: a ``USTokenManager`` or ``KRTokenManager``.
     """
@@ -87,8 +151,15 @@ class KISAuth(requests.auth.AuthBase):
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
         """Add the headers and the hook that resends once after a rejected-token answer."""
         request.headers.update(kis_headers(self.manager, self.manager.get_valid_token()))
-        request.register_hook("response", self._resend_once)
+        # requests runs the hook on every hop's answer, before it follows that answer's redirect
+        request.register_hook("response", functools.partial(self._on_answer, sent_to=request.url))
         return request
+
+    def _on_answer(self, response: requests.Response, *, sent_to: str, **kwargs: Any) -> requests.Response:
+        if same_origin(str(response.request.url), sent_to):
+            response = self._resend_once(response, **kwargs)
+        drop_kis_headers_before_foreign_redirect(response)
+        return response
 
     def _resend_once(self, response: requests.Response, **kwargs: Any) -> requests.Response:
         request = response.request
@@ -107,6 +178,34 @@ class KISAuth(requests.auth.AuthBase):
         answer.history.append(response)
         answer.request = again
         return answer
+
+
+def drop_kis_headers_before_foreign_redirect(response: requests.Response) -> None:
+    """If ``response`` redirects to another origin, remove the KIS headers from the request it answers.
+
+    ``Session.send`` runs the response hooks before ``resolve_redirects``, which copies that
+    request (headers included) for the next hop, so the copy goes out without them. After a resend
+    requests follows the redirect from the first request (``history[0].request``), so that one
+    loses them too. A Location that cannot be parsed counts as another origin.
+    """
+    if not response.is_redirect:
+        return
+    if same_origin(str(response.request.url), redirect_target(response)):
+        return
+    for request in (response.request, *(earlier.request for earlier in response.history)):
+        for name in KIS_HEADERS:
+            request.headers.pop(name, None)
+
+
+def redirect_target(response: requests.Response) -> str:
+    """The URL ``response`` redirects to, resolved as ``Session.resolve_redirects`` does; "" if none."""
+    try:
+        location = response.headers["location"].encode("latin1").decode("utf8")
+        if location.startswith("//"):  # scheme-relative (RFC 1808 section 4)
+            location = f"{urlsplit(response.url).scheme}:{location}"
+        return urljoin(response.url, requote_uri(location))
+    except (KeyError, ValueError):  # no Location, or one that is not UTF-8 or does not parse
+        return ""
 
 
 def __getattr__(name: str) -> Any:

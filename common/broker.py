@@ -11,8 +11,8 @@ manager instead:
   ``KIS_BASE_URL``, ``KIS_US_BASE_URL``/``KIS_KR_BASE_URL``);
 * ``access_token`` is a property that asks the manager at every call, so a renewal (expiry, a
   forced refresh, another process) reaches the next call without rebuilding the broker;
-* every API method is wrapped: an answer whose ``msg_cd`` says the token was rejected
-  (``EGW00123`` expired, ``EGW00121`` invalid) makes one
+* every API method is wrapped: an answer that says the token was rejected (``EGW00123`` expired,
+  ``EGW00121`` invalid, read by :func:`common.auth.rejected_token_code`) makes one
   :meth:`~BaseTokenManager.replace_rejected_token` and one retry of that call, never more.
 
 This module imports mojito (and pandas) only when a broker is built; the manager imports this
@@ -29,7 +29,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from common.errors import REJECTED_TOKEN_CODES, ConfigError
+from common.auth import rejected_token_code
+from common.errors import ConfigError
 
 if TYPE_CHECKING:
     from common.base_token_manager import BaseTokenManager
@@ -164,8 +165,8 @@ def _retry_once_on_rejection(method: Callable[..., Any]) -> Callable[..., Any]:
         calls.depth += 1
         try:
             answer = method(self, *args, **kwargs)
-            code = answer.get("msg_cd") if isinstance(answer, dict) else None
-            if code in REJECTED_TOKEN_CODES and calls.token is not None and not calls.retried:
+            code = rejected_token_code(answer)
+            if code is not None and calls.token is not None and not calls.retried:
                 calls.retried = True
                 _log.warning(
                     "%s broker: %s was refused with %s (token rejected); renewing and retrying once",

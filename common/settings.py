@@ -12,6 +12,7 @@ import os
 import stat
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import unquote_plus, urlsplit
 
 from common.errors import ConfigError
 
@@ -255,8 +256,6 @@ def token_store_url(settings: Settings) -> str | None:
 
 
 def _store_url_problem(value: str) -> str | None:
-    from urllib.parse import urlsplit
-
     if any(c.isspace() or not c.isprintable() for c in value):
         return "it contains blanks or control characters"
     try:
@@ -276,18 +275,96 @@ def _store_url_problem(value: str) -> str | None:
     return None
 
 
+#: Query parameters whose value is hidden: any whose name holds one of these (any case).
+SECRET_PARAM_WORDS = ("pass", "pwd", "secret", "token")
+
+
 def mask_url(url: str) -> str:
-    """``url`` with its password (in the user part or a ``password=`` parameter) shown as ``***``.
+    """``url`` with every password shown as ``***``; never raises.
 
-    The user part ends at the last ``@`` before the query, so a password holding ``/``, ``?`` or
-    ``@`` is hidden whole.
+    Hidden: the password of the user part (``user:***@``; a lone user part may be a password, so
+    ``***@``) and the value of every query parameter named like a secret (``password``, ``pass``,
+    ``passwd``, ``secret``, ``token``..., any case). A URL that parses cleanly is masked part by
+    part. In one that does not, a password may hold ``/``, ``?``, ``#`` or ``@``: the user part then
+    ends at the last ``@``, so such a password is hidden whole, and if a ``?`` or ``#`` before that
+    ``@`` leaves any doubt, everything after the scheme is hidden.
     """
-    import re
-
+    masked = _mask_parsed(url)
+    if masked is not None:
+        return masked
     scheme, sep, rest = url.partition("://")
-    at = rest.rfind("@")
-    if at >= 0:
-        user, colon, _ = rest[:at].partition(":")
-        # a lone user part may be a password (redis://secret@host): hide it too
-        rest = (f"{user}:***" if colon else "***") + rest[at:]
-    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", f"{scheme}{sep}{rest}")
+    return f"{scheme}{sep}{_mask_loosely(rest)}" if sep else _mask_loosely(url)
+
+
+def url_origin(url: str) -> str | None:
+    """``scheme://host[:port]`` of ``url`` (the port only if it names one); None if it has no scheme
+    or host or does not parse. All a log may show of a URL whose path is a secret (a webhook's)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.scheme or not host:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+def _mask_parsed(url: str) -> str | None:
+    """``url`` masked part by part, split as ``urlsplit`` does; None if a password could hide in
+    a part that would be shown (an ``@`` in the path, the fragment or a shown parameter, or a port
+    that is not a number)."""
+    head, hash_mark, fragment = url.partition("#")
+    head, question, query = head.partition("?")
+    scheme, sep, rest = head.partition("://")
+    if not sep:
+        scheme, rest = "", head
+    netloc, slash, path = rest.partition("/") if sep else ("", "", rest)
+    userinfo, at, hostport = netloc.rpartition("@")
+    shown_query, shown_fragment = _mask_query(query), _mask_query(fragment)
+    if shown_query is None or shown_fragment is None or "@" in path or not _port_is_a_number(hostport):
+        return None
+    if at:
+        netloc = _mask_userinfo(userinfo) + at + hostport
+    return f"{scheme}{sep}{netloc}{slash}{path}{question}{shown_query}{hash_mark}{shown_fragment}"
+
+
+def _port_is_a_number(hostport: str) -> bool:
+    try:
+        urlsplit("//" + hostport).port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return True
+
+
+def _mask_query(query: str) -> str | None:
+    """``query`` with secret-named values hidden; None if an ``@`` stands in a value that is shown."""
+    params = []
+    for param in query.split("&"):
+        name, equals, _ = param.partition("=")
+        if equals and any(word in unquote_plus(name).lower() for word in SECRET_PARAM_WORDS):
+            param = f"{name}=***"
+        elif "@" in param:
+            return None
+        params.append(param)
+    return "&".join(params)
+
+
+def _mask_loosely(rest: str) -> str:
+    """``rest`` (what follows ``scheme://``) with everything up to its last ``@`` hidden but the
+    user name, and the secret parameters after it; ``***`` if a ``?`` or ``#`` precedes that ``@``."""
+    userinfo, at, tail = rest.rpartition("@")
+    if "?" in userinfo or "#" in userinfo:
+        return "***"
+    head, question, query = tail.partition("?")
+    query, hash_mark, fragment = query.partition("#")
+    tail = f"{head}{question}{_mask_query(query)}{hash_mark}{_mask_query(fragment)}"  # no @ left: not None
+    return _mask_userinfo(userinfo) + at + tail if at else tail
+
+
+def _mask_userinfo(userinfo: str) -> str:
+    """``user:***``, or ``***`` for a lone user part (it may be a password) or a doubtful user name."""
+    user, colon, _ = userinfo.partition(":")
+    return f"{user}:***" if colon and not any(c in user for c in "@/?#") else "***"
