@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -111,25 +112,37 @@ def kis_headers(manager: Any, token: str) -> dict[str, str]:
     return dict(zip(KIS_HEADERS, (f"Bearer {token}", credentials[0], credentials[1]), strict=True))
 
 
-def log_rejection(manager: Any, code: str) -> None:
-    """Log that the broker rejected the token (the code only, never the token)."""
-    _log.warning("%s token rejected by the broker (%s); replacing it and sending once more",
-                 manager.market, code)
+#: A rejection that could not be replaced is logged at most once a minute per manager (a burst of
+#: rejected calls while the renewal is held back costs one log line, no lock and no disk).
+LOG_INTERVAL = 60.0
 
 
-def log_replacement_failure(manager: Any, exc: KISTokenError) -> None:
-    """Log that no replacement token could be had, so the broker's answer is returned as it is."""
-    _log.error("%s token could not be replaced (%s); returning the broker's answer", manager.market, exc)
+def log_replaced(manager: Any, code: str) -> None:
+    """Log that the broker rejected the token and it was replaced (the code only, never the token)."""
+    _log.warning("%s token rejected by the broker (%s); replaced it, sending once more", manager.market, code)
+
+
+def log_replacement_failure(manager: Any, code: str, exc: KISTokenError) -> None:
+    """Log, once a minute at most, that no replacement token could be had, so the broker's answer is
+    returned as it is."""
+    now = time.monotonic()
+    if now - manager.__dict__.get("_kis_auth_failure_logged", -LOG_INTERVAL) < LOG_INTERVAL:
+        _log.debug("%s token rejected (%s), not replaced: %s", manager.market, code, exc)
+        return
+    manager._kis_auth_failure_logged = now
+    _log.error("%s token rejected by the broker (%s) and could not be replaced (%s); returning the "
+               "broker's answer (said once a minute)", manager.market, code, exc)
 
 
 def replacement(manager: Any, sent: str, code: str) -> str | None:
     """A token to resend with after ``sent`` was rejected with ``code``; None if none can be had."""
-    log_rejection(manager, code)
     try:
-        return manager.replace_rejected_token(sent)
+        token = manager.replace_rejected_token(sent)
     except KISTokenError as exc:
-        log_replacement_failure(manager, exc)
+        log_replacement_failure(manager, code, exc)
         return None
+    log_replaced(manager, code)
+    return token
 
 
 class KISAuth(requests.auth.AuthBase):

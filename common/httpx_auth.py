@@ -24,7 +24,7 @@ from common.auth import (
     KIS_HEADERS,
     Origin,
     kis_headers,
-    log_rejection,
+    log_replaced,
     log_replacement_failure,
     origin_key,
     rejected_token_code,
@@ -71,12 +71,12 @@ class KISHttpxAuth(httpx.Auth):
         code = rejected_token_code(await response.aread())
         if code is None:
             return
-        log_rejection(self.manager, code)
         try:
             new = await self.manager.replace_rejected_token_async(token)
         except KISTokenError as exc:
-            log_replacement_failure(self.manager, exc)
+            log_replacement_failure(self.manager, code, exc)
             return
+        log_replaced(self.manager, code)
         request.headers.update(kis_headers(self.manager, new))
         yield request
 

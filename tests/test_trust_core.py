@@ -331,3 +331,34 @@ def test_a_slow_webhook_never_holds_the_lock_and_costs_the_caller_its_deadline(m
         server.shutdown()
         server.server_close()
 
+
+
+# -- a rejected token whose replacement is held back ------------------------------------------------------
+
+
+def test_rejected_calls_while_the_replacement_is_held_back_cost_no_lock_no_disk_one_line(us, clock, caplog,
+                                                                                          monkeypatch):
+    import logging
+
+    import requests
+
+    from common.auth import KISAuth
+
+    seed(us, clock, left=20 * HOUR)
+    quote = REAL_HOST + "/uapi/overseas-price/v1/quotations/price"
+    session = requests.Session()
+    session.auth = KISAuth(us)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.get(quote, status=500, json={"rt_cd": "1", "msg_cd": "EGW00123", "msg1": "기간이 만료된 token"})
+        mock.post(TOKEN_URL, status=403, json=refusal("EGW00133"))
+        assert session.get(quote).status_code == 500  # the first: one request, refused
+        locks, saves = [], []
+        monkeypatch.setattr(us.store.lock, "hold", lambda timeout: locks.append(timeout))
+        monkeypatch.setattr(us.store.state, "save", lambda state: saves.append(state))
+        with caplog.at_level(logging.DEBUG, logger="common.auth"):
+            for _ in range(220):
+                assert session.get(quote).status_code == 500
+        assert len(token_calls(mock)) == 1
+    assert locks == [] and saves == []
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) <= 1
