@@ -67,7 +67,7 @@ class AsyncMethods:
         engine = self._token_engine  # type: ignore[attr-defined]
         if engine is not None:
             record, fresh_until, since = engine.snapshot
-            if since <= self.now() < fresh_until:  # type: ignore[attr-defined]
+            if since <= self._local() < fresh_until:  # type: ignore[attr-defined]
                 return record.access_token
         return await self._single_flight().run("token", self.get_valid_token)  # type: ignore[attr-defined]
 
@@ -76,7 +76,7 @@ class AsyncMethods:
         engine = self._approval  # type: ignore[attr-defined]
         if engine is not None:
             record, fresh_until, since = engine.snapshot
-            if since <= self.now() < fresh_until:  # type: ignore[attr-defined]
+            if since <= self._local() < fresh_until:  # type: ignore[attr-defined]
                 return record.approval_key
         return await self._single_flight().run("approval", self.get_approval_key)  # type: ignore[attr-defined]
 

@@ -75,7 +75,8 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
             self.market_config.APP_KEY_VAR: app_key, self.market_config.APP_SECRET_VAR: app_secret,
             "KIS_ENV": environment, "KIS_TOKEN_DIR": token_dir,
         })
-        self.now = BrokerClock(clock or time.time)  # the broker's time; tests inject the local clock
+        self._local = clock or time.time  # the hot path compares the snapshot with this clock alone
+        self.now = BrokerClock(self._local)  # the broker's time; tests inject the local clock
         self.sleep = sleep or time.sleep
         self.session = session
         self.timeouts = timeouts
@@ -197,7 +198,7 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
         engine = self._token_engine
         if engine is not None:
             record, fresh_until, since = engine.snapshot
-            if since <= self.now() < fresh_until:
+            if since <= self._local() < fresh_until:
                 return record.access_token  # type: ignore[union-attr]
         return self._wired()[0].serve().access_token
 

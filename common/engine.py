@@ -128,6 +128,7 @@ class RenewalEngine(Generic[R]):
         self._issue = issue
         self._accept = accept
         self._clock = clock
+        self._local: Callable[[], float] = getattr(clock, "local", clock)
         self._observers = tuple(observers)
         self._mirror = mirror
         self._legacy = legacy
@@ -135,8 +136,10 @@ class RenewalEngine(Generic[R]):
         self._calibrate = calibrate
         self._calibrated_at = _NEVER  # monotonic time of the last try
         self._mutex = threading.RLock()
-        # (record, serve-from-memory-until, set-at): swapped whole, read lock-free. Serving needs
-        # set-at <= now < until, so a clock stepped back never extends it.
+        # (record, serve-from-memory-until, set-at), both in the local clock (what the broker's clock
+        # reads less its offset; an offset learned later moves them by at most one sync interval):
+        # swapped whole, read lock-free. Serving needs set-at <= now < until, so a clock stepped
+        # back never extends it.
         self.snapshot: tuple[R | None, float, float] = (None, _NEVER, _NEVER)
         self._signature: object = object()
         self._mirror_pending = False
@@ -151,9 +154,9 @@ class RenewalEngine(Generic[R]):
             ConfigError: the credential is not configured.
         """
         record, until, since = self.snapshot
-        now = self._clock()
-        if record is not None and since <= now < until:
+        if record is not None and since <= self._local() < until:
             return record
+        now = self._clock()
         if not self._mutex.acquire(blocking=False):
             # Another thread is syncing or renewing: keep serving a credential that is still usable.
             if record is not None and record.seconds_left(now) > self.windows.expiry_margin:
@@ -533,4 +536,5 @@ class RenewalEngine(Generic[R]):
 
     def _set(self, record: R | None, now: float) -> None:
         until = _NEVER if record is None else serve_until(record, now, self.backoff, self.windows)
-        self.snapshot = (record, until, now)
+        shift = self._offset()  # the bounds in the local clock: the hot path reads nothing else
+        self.snapshot = (record, until - shift, now - shift)
