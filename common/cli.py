@@ -15,6 +15,8 @@ renewal window), 2 CRITICAL (missing or expired), 3 UNKNOWN (configuration or an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -29,6 +31,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 CHECK_EXIT = {"ok": 0, "renewal_due": 1, "missing": 2, "expired": 2}
 #: ``check`` exit code for a configuration or any other error (Nagios UNKNOWN).
 CHECK_UNKNOWN = 3
+#: Errors writing stdout that mean the output is lost, not that the command failed to work.
+_OUTPUT_LOST = frozenset({errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EIO})
 __all__ = [
     "CHECK_EXIT", "CHECK_UNKNOWN", "LOG_LEVEL_VAR", "check_configuration", "configure_logging",
     "describe_error", "main", "unknown_info",
@@ -54,6 +58,39 @@ def main(
     Returns:
         The process exit code.
     """
+    return flushed(lambda: _main(manager_factory, argv, market, prog))
+
+
+def flushed(command: Callable[[], int]) -> int:
+    """Run ``command`` and flush stdout; a reader that went away (``| head``, ``| true``) or a full
+    disk (``> /dev/full``) ends the output silently, never with a traceback at exit.
+
+    Returns:
+        The command's exit code; 1 if its answer could not be delivered.
+    """
+    try:
+        code = command()
+        sys.stdout.flush()
+        return code
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_LOST:
+            raise
+        _silence_stdout()
+        return EXIT_FAILED
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush has nothing left to fail on."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _main(
+    manager_factory: Callable[[], object],
+    argv: Sequence[str] | None,
+    market: str | None,
+    prog: str | None,
+) -> int:
     market = market or manager_factory.__name__[:2].upper()
     args = _parser(market, prog).parse_args(argv)
     args.verbose += args.verbose_after
@@ -66,10 +103,9 @@ def main(
         return args.run(manager, args)
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # the reader went away (``| head``): nothing left to say to it
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_FAILED
     except Exception as exc:  # expected failures and bugs alike: one line, details at -vv
+        if isinstance(exc, OSError) and exc.errno in _OUTPUT_LOST:
+            raise  # stdout is gone (closed pipe, full disk): :func:`flushed` ends it silently
         if not isinstance(exc, KISTokenError):
             _log.debug("internal error", exc_info=True)
         message, code = describe_error(exc, manager)

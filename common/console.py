@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -63,13 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.verbose += args.verbose_after
     args.quiet = args.quiet or args.quiet_after
+    from common.cli import flushed
+
     try:
-        return status(args.json, verbose=args.verbose, quiet=args.quiet)
+        return flushed(lambda: status(args.json, verbose=args.verbose, quiet=args.quiet))
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # the reader went away (``| head``): nothing left to say to it
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
 
 
 def version() -> str:
