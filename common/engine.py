@@ -25,13 +25,16 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from common.errors import (
+    CREDENTIAL_CODES,
     AnswerLostError,
     BadResponseError,
     BrokerError,
     ConfigError,
+    CredentialsError,
     DailyLimitError,
     KISTokenError,
     LockTimeoutError,
+    NotSentError,
     RequestHeldBackError,
     StoreError,
     TokenUnavailableError,
@@ -266,7 +269,7 @@ class RenewalEngine(Generic[R]):
         self._keep_to_daily_limit(state, now, left, after)
         getattr(self.store.record, "ready", lambda: None)()  # TODO(merge trust-files): direct call
         getattr(self.store.lock, "confirm", lambda: None)()
-        offset = self._offset()
+        offset, previous = self._offset(), state.last_request_at
         state.last_request_at = now
         self.store.state.save(state)
         try:
@@ -277,6 +280,8 @@ class RenewalEngine(Generic[R]):
             raise
         except KISTokenError as exc:
             self._restamp(state, now, offset)
+            if isinstance(exc, NotSentError):  # it never reached the broker: the minute is not spent
+                state.last_request_at = previous
             if isinstance(exc, AnswerLostError):  # it may have been issued: count it against the day
                 state.issuances.append(state.last_request_at)
             self._observe(state, Outcome("failed", self._clock(), None, str(exc), left), after)
@@ -350,7 +355,14 @@ class RenewalEngine(Generic[R]):
             f"allows one a minute (next request possible in {retry_in:.0f} s)"
         )
         left = None if current is None else current.seconds_left(now)
+        failed = state.last_outcome in ("refused", "failed") and (state.last_outcome_at or 0.0) >= last - 1
+        if failed:
+            reason = " ".join(part for part in (state.last_code, state.last_message) if part)
+            message += f"; that request failed: {reason[:200] or state.last_outcome}"
         self._observe(state, Outcome("held_back", now, "LOCAL", message, left), after)
+        if failed and state.last_code in CREDENTIAL_CODES:  # the same fix is needed: the same exit code
+            raise RequestHeldBackError(message, retry_in) from CredentialsError(
+                state.last_code, state.last_message or "")
         raise RequestHeldBackError(message, retry_in)
 
     def _read_broker_clock(self) -> bool:

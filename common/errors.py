@@ -5,6 +5,8 @@ from __future__ import annotations
 #: ``msg_cd`` values of an ordinary API answer that mean "this token is not accepted": expired, and
 #: invalid or revoked. The broker sends them with HTTP 500, sometimes 200.
 REJECTED_TOKEN_CODES = frozenset({"EGW00123", "EGW00121"})
+#: The broker's codes for an app key or secret it does not accept (another try will not help).
+CREDENTIAL_CODES = frozenset({"EGW00102", "EGW00103", "EGW00104", "EGW00105", "EGW02004"})
 
 
 class KISTokenError(Exception):
@@ -73,6 +75,13 @@ class TransientError(KISTokenError):
     """The broker could not be reached or gave an unusable answer (network, 5xx, HTML, truncated)."""
 
     retryable = True
+
+
+class NotSentError(TransientError):
+    """The request never reached the broker (connection refused, name lookup, TLS handshake or
+    connect timeout): it spent none of the key's one-a-minute allowance."""
+
+    reached_broker = False
 
 
 class AnswerLostError(KISTokenError):

@@ -44,11 +44,13 @@ from tenacity import (
 
 from common.clock import parse_kst
 from common.errors import (
+    CREDENTIAL_CODES,
     AnswerLostError,
     BadResponseError,
     BrokerError,
     CredentialsError,
     KISTokenError,
+    NotSentError,
     RateLimitedError,
     TransientError,
 )
@@ -68,7 +70,6 @@ MAX_CODE, MAX_MESSAGE = 32, 300
 MAX_LIFETIME = 7 * 86400.0
 
 RATE_LIMIT_CODE = "EGW00133"
-CREDENTIAL_CODES = frozenset({"EGW00102", "EGW00103", "EGW00104", "EGW00105", "EGW02004"})
 #: Refusals that another try will not change, whatever the HTTP status.
 KNOWN_REFUSALS = CREDENTIAL_CODES | {RATE_LIMIT_CODE}
 
@@ -245,7 +246,23 @@ def _post_with_retries(
         before_sleep=_log_retry,
         reraise=True,
     )
-    return retrying(_post_once, url, body, session, deadline, timeouts, on_date)
+    reached: list[bool] = []
+
+    def attempt() -> dict[str, Any]:
+        try:
+            return _post_once(url, body, session, deadline, timeouts, on_date)
+        except NotSentError:
+            raise
+        except BaseException:
+            reached.append(True)
+            raise
+
+    try:
+        return retrying(attempt)
+    except NotSentError as exc:
+        if reached:  # an earlier attempt may have reached the broker: its minute is spent
+            raise TransientError(str(exc)) from None
+        raise
 
 
 def _log_retry(retry_state: Any) -> None:
@@ -295,7 +312,7 @@ def _post_once(
         raise TransientError(f"no complete answer from {mask_url(url)} within {limit:.1f} s")
     if "error" in box:
         raise box["error"]
-    return _read_answer(*box["answer"])
+    return _read_answer(*box["answer"], where=mask_url(url))
 
 
 def _exchange(
@@ -336,7 +353,46 @@ def _exchange(
                     raise TransientError(f"the answer from {mask_url(url)} is over {MAX_ANSWER} bytes")
             return status, _decode(b"".join(parts), response.encoding)
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        raise TransientError(f"broker unreachable at {mask_url(url)}: {type(exc).__name__}") from None
+        reason, sent = _transport_reason(exc)
+        error = TransientError if sent else NotSentError
+        raise error(f"broker unreachable at {mask_url(url)}: {reason}") from None
+
+
+def _transport_reason(exc: BaseException) -> tuple[str, bool]:
+    """Why the exchange failed, in words, and whether the request may have reached the broker
+    (a refused connection, a failed name lookup or TLS handshake, a connect timeout: it did not)."""
+    causes: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(causes) < 8:
+        causes.append(seen)
+        reason = getattr(seen, "reason", None)
+        nested = seen.args[0] if seen.args and isinstance(seen.args[0], BaseException) else None
+        seen = reason if isinstance(reason, BaseException) else nested or seen.__cause__ or seen.__context__
+    kinds = tuple(causes)
+    if any(isinstance(c, urllib3.exceptions.NameResolutionError) for c in kinds):
+        return "the host name does not resolve (DNS)", False
+    if any(isinstance(c, ConnectionRefusedError) for c in kinds) or any(
+        "Connection refused" in str(c) for c in kinds
+    ):
+        return "connection refused (nothing listens there)", False
+    if any(isinstance(c, (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError))
+           for c in kinds):
+        return "no answer to the connection (connect timed out)", False
+    if any(isinstance(c, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)) for c in kinds):
+        return f"TLS handshake failed ({_last_words(causes)})", False
+    if any(isinstance(c, urllib3.exceptions.NewConnectionError) for c in kinds):
+        return f"cannot connect ({_last_words(causes)})", False
+    if any(isinstance(c, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError))
+           for c in kinds):
+        return "no answer in time (read timed out)", True
+    if any(isinstance(c, ConnectionResetError) for c in kinds):
+        return "the connection was reset", True
+    return f"{type(exc).__name__} ({_last_words(causes)})", True
+
+
+def _last_words(causes: list[BaseException]) -> str:
+    text = " ".join(str(causes[-1]).split())
+    return (text[:120] + "...") if len(text) > 120 else text or type(causes[-1]).__name__
 
 
 def _tell_date(on_date: DateObserver | None, value: object) -> None:
@@ -359,7 +415,7 @@ def _decode(raw: bytes, encoding: str | None) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
-def _read_answer(status: int, text: str) -> dict[str, Any]:
+def _read_answer(status: int, text: str, where: str = "the broker") -> dict[str, Any]:
     """Classify an answer: a refusal with a code, a transient fault, or a JSON object."""
     try:
         data = json.loads(text)
@@ -368,18 +424,18 @@ def _read_answer(status: int, text: str) -> dict[str, Any]:
     if isinstance(data, dict):
         refusal = _refusal(data, status)
         if refusal is not None and status >= 500 and refusal.code not in KNOWN_REFUSALS:
-            raise TransientError(f"broker answered HTTP {status}: {refusal}")
+            raise TransientError(f"{where} answered HTTP {status}: {refusal}")
         if refusal is not None:
             raise refusal
     if status >= 500:
-        raise TransientError(f"broker answered HTTP {status}")
+        raise TransientError(f"{where} answered HTTP {status}")
     if not isinstance(data, dict):
         kind = "HTML" if text.lstrip().startswith("<") else "not JSON (truncated?)"
         if status == 200:
-            raise TransientError(f"broker answered HTTP 200 with a body that is {kind}")
-        raise BadResponseError(f"broker answered HTTP {status} with a body that is {kind}")
+            raise TransientError(f"{where} answered HTTP 200 with a body that is {kind}")
+        raise BadResponseError(f"{where} answered HTTP {status} with a body that is {kind}")
     if status != 200:
-        raise BadResponseError(f"broker answered HTTP {status} without an error code")
+        raise BadResponseError(f"{where} answered HTTP {status} without an error code")
     return data
 
 

@@ -362,3 +362,40 @@ def test_rejected_calls_while_the_replacement_is_held_back_cost_no_lock_no_disk_
     assert locks == [] and saves == []
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) <= 1
+
+
+# -- the first retry after a failure says what the failure was ------------------------------------------
+
+
+def test_a_refused_connection_spends_no_minute_and_names_its_reason(make_manager, env):
+    import socket
+
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    us = make_manager(environ={**env, "KIS_BASE_URL": f"http://127.0.0.1:{port}"})
+    refused = rf"127\.0\.0\.1:{port}/oauth2/tokenP: connection refused"
+    with pytest.raises(TokenUnavailableError, match=refused):
+        us.get_valid_token()
+    assert us.load_renewal_state().last_request_at is None  # nothing was sent: the minute is not spent
+    assert us.load_renewal_state().last_outcome == "failed"
+
+
+def test_held_back_after_a_refused_secret_says_so_and_keeps_exit_3(env, capsys, clock, monkeypatch):
+    from common.cli import main
+
+    def manager():
+        return USTokenManager(Settings(env, dotenv_path=False), clock=clock)
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.post(TOKEN_URL, status=403,
+                  json={"error_code": "EGW00105", "error_description": "유효하지 않은 AppSecret"})
+        assert main(manager, ["get"], market="US") == 3
+        first = capsys.readouterr().err
+        clock.advance(1)
+        assert main(manager, ["get"], market="US") == 3
+        second = capsys.readouterr().err
+        assert len(token_calls(mock)) == 1
+    assert "EGW00105" in first and "KIS_US_APP_SECRET" in first
+    assert "not asking the broker" in second and "that request failed: EGW00105" in second
+    assert "KIS_US_APP_SECRET" in second
