@@ -167,6 +167,7 @@ class FileRenewalLock:
             return
         fd = self._acquire(timeout)
         held.fd, held.depth = fd, 1
+        _log.debug("holding the lock %s", self.path)
         try:
             yield
         finally:
@@ -174,6 +175,7 @@ class FileRenewalLock:
             with contextlib.suppress(OSError):
                 fs.unlock(fd)
             os.close(fd)
+            _log.debug("released the lock %s", self.path)
 
     def confirm(self) -> None:
         """Raise unless this thread still holds the lock.
@@ -200,6 +202,7 @@ class FileRenewalLock:
         prepare_directory(self.path.parent)
         fd = self._open()
         deadline = time.monotonic() + timeout
+        tries = 0
         try:
             while True:
                 try:
@@ -207,6 +210,9 @@ class FileRenewalLock:
                         return fd
                 except OSError as exc:
                     raise StoreError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
+                tries += 1
+                if tries == 1 and timeout != 0:
+                    _log.debug("waiting up to %g s for the lock %s", timeout, self.path)
                 left = deadline - time.monotonic()
                 if timeout >= 0 and left <= 0:
                     raise LockTimeoutError(

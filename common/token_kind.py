@@ -86,7 +86,9 @@ class TokenKind:
             try:  # one market's unusable file (a FIFO, garbage) must not hide another's good one
                 record = MarketMirror(self.files.directory, prefix).load_legacy()
             except (CorruptRecordError, StoreError) as exc:
-                _log.warning("ignoring a token file left by an older version: %s", exc)
+                name = f"{prefix}api_token.json"
+                reason = str(exc) if name in str(exc) else f"{exc} in {name}"
+                _log.warning("ignoring the stored %s token: %s", self.manager.market, reason)
                 continue
             if record is not None and self.accept(record) is None:
                 found.append(record)
