@@ -22,6 +22,13 @@ to the same piece on the host's files (``common.file_store``) whenever the serve
 within :data:`SOCKET_TIMEOUT`. The files stay a full copy (the host's tools, ``check`` and mojito
 read them), so with the server down the host serves its token and renews it under its own file
 lock; and a server restarted empty gets the record back from the first host that holds it.
+
+Right before a request is sent, the engine calls the lock's ``confirm()``: one script compares the
+lease's owner value with ours and, if it is still ours, sets its time to live back to the whole
+lease (redis-py's ``Lock.reacquire``), so the request that follows has the same margin as right
+after the lease was taken; a lease that lapsed (its holder was stopped longer than the lease) is an
+error, never a second request. A check-and-set of the record (``WATCH``/``MULTI``/``EXEC``) is
+tried at most :data:`WATCH_TRIES` times, then is a :class:`StoreError`.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from typing import Any, Generic, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import LockNotOwnedError, RedisError
+from redis.exceptions import LockNotOwnedError, RedisError, WatchError
 from redis.lock import Lock
 from redis.retry import Retry
 
@@ -60,8 +67,12 @@ RETRY_INTERVAL = 5.0
 LEASE = LOCK_WAIT + 20.0 + 10.0 + 30.0
 TOMBSTONE = b"deleted"  # followed by ":<expiry of the deleted record>"
 TOMBSTONE_TTL = 2 * 86400  # tokens live 24 h: by then no host holds the deleted one any more
+#: A check-and-set of the record that loses the race to another writer this many times in a row
+#: gives up (a :class:`StoreError`) instead of spinning its caller.
+WATCH_TRIES = 10
 
 R = TypeVar("R", bound=Expiring)
+T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 
@@ -115,7 +126,7 @@ class RedisRecordStore(Generic[R]):
             pipe.set(self.name, TOMBSTONE + f":{expires}".encode(), ex=TOMBSTONE_TTL)
             return [self.location]
 
-        return self._client.transaction(attempt, self.name, value_from_callable=True)
+        return self._check_and_set(attempt)
 
     def put_back(self, record: R) -> R | None:
         """Store ``record`` unless the server holds one that expires no earlier, or a deletion.
@@ -136,7 +147,36 @@ class RedisRecordStore(Generic[R]):
             pipe.set(self.name, self._dump(record))
             return record
 
-        return self._client.transaction(attempt, self.name, value_from_callable=True)
+        return self._check_and_set(attempt)
+
+    def ready(self) -> None:
+        """Nothing to check: the server takes any record (an unreachable one is the caller's fallback)."""
+
+    def problem(self) -> str | None:
+        """None: see :meth:`ready`."""
+        return None
+
+    def _check_and_set(self, attempt: Callable[[Any], T]) -> T:
+        """``attempt(pipe)`` under ``WATCH`` of the record, then ``EXEC``; again if another writer
+        changed the record in between, at most :data:`WATCH_TRIES` times (redis-py's
+        ``transaction()`` would retry without bound).
+
+        Raises:
+            StoreError: every try lost the race.
+            RedisError: the server did not answer.
+        """
+        for _ in range(WATCH_TRIES):
+            with self._client.pipeline() as pipe:
+                try:
+                    pipe.watch(self.name)
+                    result = attempt(pipe)
+                    pipe.execute()
+                    return result
+                except WatchError:
+                    continue
+        raise StoreError(
+            f"{self.location} kept changing under this host's write ({WATCH_TRIES} tries); try again"
+        )
 
     def _decode(self, raw: bytes | None) -> R | None:
         if raw is None or raw.startswith(TOMBSTONE):
@@ -221,11 +261,11 @@ class RedisRenewalLock:
             if time.monotonic() >= deadline:
                 raise LockTimeoutError(f"another host or process held {self.name} for over {timeout:g} s")
             time.sleep(0.02)
-        self._held.depth = 1
+        self._held.depth, self._held.lock = 1, lock
         try:
             yield
         finally:
-            self._held.depth = 0
+            self._held.depth, self._held.lock = 0, None
             try:
                 lock.release()
             except LockNotOwnedError:
@@ -233,6 +273,25 @@ class RedisRenewalLock:
             except RedisError as exc:
                 _log.warning("cannot release %s (%s); its lease runs out in %g s",
                              self.name, type(exc).__name__, self.lease)
+
+    def confirm(self) -> None:
+        """Raise unless the lease this thread holds is still ours; if it is, give it its whole
+        ``lease`` again (one script: compare the owner value, then ``PEXPIRE``).
+
+        Raises:
+            LockTimeoutError: not held by this thread, or the lease lapsed (another owner may hold it).
+            RedisError: the server did not answer.
+        """
+        lock = getattr(self._held, "lock", None)
+        if lock is None:
+            raise LockTimeoutError(f"{self.name} is not held by this thread")
+        try:
+            lock.reacquire()
+        except LockNotOwnedError:
+            raise LockTimeoutError(
+                f"the lease on {self.name} ran out before the request was sent; another host or "
+                "process may be renewing"
+            ) from None
 
 
 class RedisStateStore:
@@ -405,6 +464,18 @@ class SharedRecordStore(Generic[R]):
             self.link.call(self.shared.save, record)
         self.local.save(record)
 
+    def ready(self) -> None:
+        """Raise unless the host's file can be written (it is the copy the host falls back on).
+
+        Raises:
+            StoreError: see :meth:`file_store.FileRecordStore.ready`.
+        """
+        self.local.ready()
+
+    def problem(self) -> str | None:
+        """What :meth:`ready` would raise (one line), or None."""
+        return self.local.problem()
+
     def delete(self) -> list[str]:
         """Delete the host's file and the record on the server.
 
@@ -429,6 +500,7 @@ class SharedRenewalLock:
     def __init__(self, link: StoreLink, shared: RedisRenewalLock, local: file_store.FileRenewalLock) -> None:
         self.link, self.shared, self.local = link, shared, local
         self.location = local.location
+        self._leased = threading.local()  # .on: this thread's hold took the server's lease
 
     @contextlib.contextmanager
     def hold(self, timeout: float) -> Iterator[None]:
@@ -439,15 +511,42 @@ class SharedRenewalLock:
             StoreError: the file lock cannot be taken.
         """
         deadline = time.monotonic() + timeout
+        outer = getattr(self._leased, "on", False)
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.local.hold(timeout))
             remaining = 0.0 if timeout <= 0 else max(0.0, deadline - time.monotonic())
             try:
                 self.link.call(stack.enter_context, self.shared.hold(remaining))
+                leased = True
             except Unreachable:
                 _log.warning("token store %s unreachable: holding only this host's lock %s",
                              self.link.url, self.local.location)
-            yield
+                leased = False
+            self._leased.on = leased
+            try:
+                yield
+            finally:
+                self._leased.on = outer
+
+    def confirm(self) -> None:
+        """Raise unless this thread still holds the host's lock and, if it took it, the server's lease
+        (which gets its whole lease again). Held while the server was unreachable, only the file
+        lock is checked.
+
+        Raises:
+            LockTimeoutError: either is no longer ours.
+            StoreError: the lease cannot be checked (the server stopped answering).
+        """
+        self.local.confirm()
+        if not getattr(self._leased, "on", False):
+            return
+        try:
+            self.link.call(self.shared.confirm)
+        except Unreachable:
+            raise StoreError(
+                f"cannot confirm the lease on {self.shared.name}: the token store {self.link.url} "
+                "stopped answering"
+            ) from None
 
 
 class SharedStateStore:

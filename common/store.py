@@ -154,6 +154,18 @@ class RecordStore(Protocol[R]):
     def delete(self) -> list[str]:
         """Remove the stored record; return what was removed."""
 
+    def ready(self) -> None:
+        """Raise unless a record could be written now; called under the lock right before a request
+        is sent, so that a token the broker issues is never one that cannot be stored.
+
+        Raises:
+            StoreError: one line naming the path and what is wrong (``…/key-real-x.json is a
+                directory, not a file: remove it``).
+        """
+
+    def problem(self) -> str | None:
+        """What :meth:`ready` would raise, as one line (None: nothing is wrong), for ``check``."""
+
 
 class RenewalLock(Protocol):
     """The key's renewal lock, shared by every process that may renew it."""
@@ -166,6 +178,15 @@ class RenewalLock(Protocol):
         Raises:
             LockTimeoutError: not acquired in time.
             StoreError: the lock cannot be taken at all.
+        """
+
+    def confirm(self) -> None:
+        """Raise unless the lock this thread holds is still its own; called right before a request
+        is sent (a lease may have lapsed while its holder was stopped, and another taken it).
+
+        Raises:
+            LockTimeoutError: not held by this thread, or no longer ours.
+            StoreError: ownership cannot be checked (the store stopped answering).
         """
 
 

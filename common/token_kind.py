@@ -12,9 +12,10 @@ import logging
 from typing import Any
 
 from common.clock import to_kst_iso
-from common.file_store import MarketMirror
+from common.errors import StoreError
+from common.file_store import MarketMirror, mirror_prefixes
 from common.identity import Credential
-from common.record import TokenRecord, mask_token
+from common.record import CorruptRecordError, TokenRecord, mask_token
 
 _log = logging.getLogger(__name__)
 
@@ -89,9 +90,14 @@ class TokenKind:
         """The best record of this key left by version 0.1 in any market's file (the one that lives
         longest), to adopt as the key's record; None if there is none."""
         found = []
-        for path in sorted(self.files.directory.glob("*_api_token.json")):
-            prefix = path.name.removesuffix("api_token.json")
-            record = MarketMirror(self.files.directory, prefix).load_legacy()
+        for prefix in mirror_prefixes(self.files.directory):
+            try:  # one market's unusable file (a FIFO, garbage) must not hide another's good one
+                record = MarketMirror(self.files.directory, prefix).load_legacy()
+            except (CorruptRecordError, StoreError) as exc:
+                name = f"{prefix}api_token.json"
+                reason = str(exc) if name in str(exc) else f"{exc} in {name}"
+                _log.warning("ignoring the stored %s token: %s", self.manager.market, reason)
+                continue
             if record is not None and self.accept(record) is None:
                 found.append(record)
         return max(found, key=lambda record: record.expires_at, default=None)

@@ -68,7 +68,7 @@ def test_token_file_that_is_a_directory_is_treated_as_absent(us, clock, caplog):
     responses.post(TOKEN_URL, json=token_answer(fake_token(5), clock() + DAY))
     with caplog.at_level(logging.WARNING):
         assert us.load_token() is None
-    assert f"cannot read key-{us.credential.key_id}.json" in caplog.text
+    assert f"key-{us.credential.key_id}.json is a directory, not a regular file" in caplog.text
 
 
 @responses.activate
@@ -76,14 +76,14 @@ def test_unreadable_token_file_is_an_error_naming_file_and_owner_and_spends_no_r
     us, make_manager, clock, caplog, monkeypatch
 ):
     us.save_token(good_record(us, clock))
-    real_open = open
+    real_open = os.open
 
     def deny(path, *args, **kwargs):
         if str(path) == str(us.store.record.path):
             raise PermissionError(13, "Permission denied")
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr("builtins.open", deny)
+    monkeypatch.setattr(os, "open", deny)
     owner = pwd.getpwuid(os.getuid()).pw_name
     fresh = make_manager()  # a new process: nothing in memory
     with pytest.raises(StoreError, match=f"cannot read .*key-.*json: permission denied .*belongs to {owner}"):

@@ -63,8 +63,6 @@ def _as_nobody(environ: dict[str, str]) -> tuple[int, str]:
     import io
     import json
 
-    import filelock  # noqa: F401
-
     import common.kis_client  # noqa: F401  # everything the child needs, imported while we are root
     from common.cli import main
     from common.settings import Settings
