@@ -297,6 +297,8 @@ def _check(manager, args: argparse.Namespace) -> int:
     if approval is not None:
         age = format_duration(approval["age_seconds"])
         print(f"  approval: {approval['key']} (WebSocket approval key, {age} old)")
+    if info["problem"]:
+        print(f"  problem:  {info['problem']}")
     if info["clock"]:
         print(f"  clock:    {info['clock']}")
     limit = info["daily_limit"] or "no limit"

@@ -267,8 +267,8 @@ class RenewalEngine(Generic[R]):
         now = self._hold_back_if_too_soon(state, now, current, after)
         left = None if current is None else current.seconds_left(now)
         self._keep_to_daily_limit(state, now, left, after)
-        getattr(self.store.record, "ready", lambda: None)()  # TODO(merge trust-files): direct call
-        getattr(self.store.lock, "confirm", lambda: None)()
+        self.store.record.ready()  # a record that cannot be stored: say so before the broker texts
+        self.store.lock.confirm()  # a lease that lapsed while this process stood still: do not send
         offset, previous = self._offset(), state.last_request_at
         state.last_request_at = now
         self.store.state.save(state)

@@ -385,9 +385,9 @@ def write_file(path: Path, text: str) -> None:
 def write_problem(path: Path) -> str | None:
     """Why a token-directory file could not be written at ``path`` now (one line), or None.
 
-    The name is taken by something that is not a regular file (``lstat``: a directory, a FIFO, a
-    link), the directory (or the nearest part of it that exists) cannot be written by this user, or
-    it belongs to another user and this is not root.
+    The name is taken by a directory (``lstat``; a link, a FIFO or a device is replaced whole by the
+    atomic rename, never written through), the directory (or the nearest part of it that exists)
+    cannot be written by this user, or it belongs to another user and this is not root.
     """
     try:
         st = os.lstat(path)
@@ -395,7 +395,7 @@ def write_problem(path: Path) -> str | None:
         st = None
     except OSError as exc:
         return f"cannot use {path}: {exc.strerror or exc}"
-    if st is not None and not stat.S_ISREG(st.st_mode):
+    if st is not None and stat.S_ISDIR(st.st_mode):
         return f"{path} is {fs.kind_of(st.st_mode)}, not a file: remove it"
     existing = path.parent
     while not os.path.lexists(existing) and existing != existing.parent:

@@ -60,6 +60,7 @@ def token_info(manager: Any) -> dict[str, Any]:
         "daily_limit": manager.settings.daily_limit,
         "issued_24h": len(state.recent_issuances(now)),
         "store": store_select.describe(store),
+        "problem": store.record.problem(),
         "files": {
             "record": str(mirror.record_path),
             "issued_at": str(mirror.issued_at_path),

@@ -382,8 +382,9 @@ def assert_check_schema(info: dict[str, Any]) -> None:
         "schema", "market", "environment", "key_fingerprint", "status", "present", "valid", "issued_at",
         "approval",
         "expires_at", "seconds_left", "token", "renewal_window_seconds", "last_renewal", "files", "store",
-        "clock_offset_seconds", "clock", "daily_limit", "issued_24h",
+        "clock_offset_seconds", "clock", "daily_limit", "issued_24h", "problem",
     }
+    assert info["problem"] is None
     assert type(info["clock_offset_seconds"]) is int and info["clock"] is None
     assert info["daily_limit"] == 10 and type(info["issued_24h"]) is int
     assert info["schema"] == 1

@@ -327,7 +327,7 @@ def test_check_says_which_store_is_used_and_whether_it_answers(host, server, clo
 
 #: The README's ACL: only the package's keys, only the commands it sends.
 README_ACL = ["~kis-token:*", "resetchannels", "-@all", "+get", "+set", "+del", "+eval", "+evalsha",
-              "+script|load", "+watch", "+multi", "+exec", "+ping"]
+              "+script|load", "+watch", "+multi", "+exec", "+ping", "+pexpire"]
 
 
 def add_user(server: RedisServer, name: str, password: str) -> None:

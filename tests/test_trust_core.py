@@ -399,3 +399,14 @@ def test_held_back_after_a_refused_secret_says_so_and_keeps_exit_3(env, capsys, 
     assert "EGW00105" in first and "KIS_US_APP_SECRET" in first
     assert "not asking the broker" in second and "that request failed: EGW00105" in second
     assert "KIS_US_APP_SECRET" in second
+
+
+def test_a_directory_at_the_record_path_is_a_clear_error_before_any_request(us, make_manager, clock):
+    us.store.record.path.mkdir(parents=True)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.post(TOKEN_URL, json=token_answer(fake_token(1), clock() + DAY))
+        for manager in (us, make_manager()):  # this process, then the next: the same clear error
+            with pytest.raises(TokenUnavailableError, match="is a directory, not a file: remove it"):
+                manager.get_valid_token()
+        assert token_calls(mock) == []
+    assert "is a directory" in us.get_token_info()["problem"]

@@ -224,19 +224,25 @@ def test_the_temp_sweep_removes_only_the_packages_own_temp_files(us, clock, tmp_
 # -- a record that cannot be written is said before a request ----------------------------------------
 
 
-@pytest.mark.parametrize("kind, what", [("directory", "a directory"), ("fifo", "a FIFO"),
-                                        ("symlink", "a symbolic link")])
-def test_ready_names_a_record_path_that_is_not_a_file(us, tmp_path, kind, what):
+def test_ready_names_a_record_path_that_is_a_directory(us, tmp_path):
     record = us.store.record
     record.path.parent.mkdir(mode=0o700, parents=True)
     assert record.problem() is None
     record.ready()
-    plant(record.path, kind, tmp_path)
-    expected = f"{record.path} is {what}, not a file: remove it"
+    plant(record.path, "directory", tmp_path)
+    expected = f"{record.path} is a directory, not a file: remove it"
     assert record.problem() == expected
     with pytest.raises(StoreError) as caught:
         record.ready()
     assert str(caught.value) == expected
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_a_fifo_or_link_at_the_record_path_is_replaced_whole_not_a_problem(us, tmp_path, kind):
+    record = us.store.record
+    record.path.parent.mkdir(mode=0o700, parents=True)
+    plant(record.path, kind, tmp_path)
+    assert record.problem() is None  # the atomic rename replaces the name, never writes through it
 
 
 def test_ready_when_the_directory_is_yet_to_be_made_or_is_not_a_directory(tmp_path):
@@ -431,9 +437,15 @@ def test_a_link_at_the_record_or_state_path_is_neither_read_nor_written_through(
     path = admin.store.record.path if piece == "record" else admin.store.state.path
     path.symlink_to(target)
     os.lchown(path, NOBODY, NOBODY)
-    token = admin.get_valid_token()  # a new token: the planted record was not read, the state not obeyed
-    assert token != fake_token(99)
-    assert sandbox.counters()["token_requests"] == {US_KEY: 1}
+    if piece == "record":
+        token = admin.get_valid_token()  # a new token: the planted record was not read
+        assert token != fake_token(99)
+        assert sandbox.counters()["token_requests"] == {US_KEY: 1}
+    else:  # a state that cannot be read counts as a request just made: held back, not obeyed
+        with pytest.raises(KISTokenError, match="renewal state was unreadable"):
+            admin.get_valid_token()
+        assert sandbox.counters()["token_requests"] == {}
+    assert not path.is_symlink()  # replaced whole by our own file
     with pytest.raises(KISTokenError):  # within the minute: held back, by the real state file
         admin.refresh_token()
     admin.delete_token()
