@@ -285,10 +285,11 @@ def _post_once(
     """One attempt, cut off at its wall-clock deadline wherever it is (connect, headers or body).
 
     The exchange runs in a daemon thread so that even a broker dripping its headers cannot hold the
-    caller past the deadline. An answer whose status line said success may carry a token the broker
-    has already issued (and texted the user about), and a second request within the minute would be
-    refused: such an answer is read until the whole budget is spent, and if it still does not arrive
-    the attempt is not retried (:class:`AnswerLostError`).
+    caller past the deadline. A request that was sent and not yet answered, or an answer whose status
+    line said success, may stand for a token the broker has already issued (and texted the user
+    about), and a second request within the minute would be refused: such an answer is waited for
+    until the whole budget is spent, and if it still does not arrive the attempt is not retried
+    (:class:`AnswerLostError`). Only an answer that said it failed is cut off at ``attempt``.
     """
     started = time.monotonic()
     limit = max(0.1, min(timeouts.attempt, deadline - started))
@@ -304,11 +305,12 @@ def _post_once(
     worker = threading.Thread(target=attempt, name="kis-token-request", daemon=True)
     worker.start()
     worker.join(limit + 0.25)
-    if worker.is_alive() and 200 <= box.get("status", 0) < 300:
+    if worker.is_alive() and _may_hold_a_token(box.get("status")):
         worker.join(max(0.0, started + patience - time.monotonic()) + 0.25)
     if worker.is_alive():
-        if 200 <= box.get("status", 0) < 300:
-            raise AnswerLostError(f"the answer from {mask_url(url)} did not arrive within {patience:.1f} s")
+        if _may_hold_a_token(box.get("status")):
+            raise AnswerLostError(f"no complete answer from {mask_url(url)} within {patience:.1f} s; the "
+                                  "broker may have issued it: not asked again within the minute")
         raise TransientError(f"no complete answer from {mask_url(url)} within {limit:.1f} s")
     if "error" in box:
         raise box["error"]
@@ -330,7 +332,7 @@ def _exchange(
     started = time.monotonic()
     sender = session or requests
     try:
-        with sender.post(url, json=body, timeout=(min(connect, limit), limit), stream=True,
+        with sender.post(url, json=body, timeout=(min(connect, limit), patience), stream=True,
                          allow_redirects=False) as response:
             _tell_date(on_date, response.headers.get("Date"))
             progress["status"] = status = response.status_code
@@ -354,8 +356,16 @@ def _exchange(
             return status, _decode(b"".join(parts), response.encoding)
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         reason, sent = _transport_reason(exc)
+        if sent and "status" not in progress and "read timed out" in reason:
+            raise AnswerLostError(f"no answer from {mask_url(url)} within {patience:.1f} s; the broker may "
+                                  "have issued it: not asked again within the minute") from None
         error = TransientError if sent else NotSentError
         raise error(f"broker unreachable at {mask_url(url)}: {reason}") from None
+
+
+def _may_hold_a_token(status: int | None) -> bool:
+    """A request still unanswered, or a success still arriving, may stand for an issued token."""
+    return status is None or 200 <= status < 300
 
 
 def _transport_reason(exc: BaseException) -> tuple[str, bool]:

@@ -86,3 +86,20 @@ def test_a_slow_but_complete_success_within_the_budget_is_taken(manager, sandbox
     sandbox.inject_fault("drip", count=1, delay=0.005)  # ~1 s in all: past one attempt, inside the budget
     assert manager.get_valid_token().startswith("sbx-")
     assert sandbox.counters()["token_requests"] == {US_KEY: 1}
+
+
+def test_an_answer_slower_than_one_attempt_is_waited_for_not_asked_twice(manager, sandbox):
+    # The request reached the broker, which may have issued the token: a second request within the
+    # minute would be a refusal (and maybe a second text), so the first answer is waited for.
+    sandbox.inject_fault("slow", count=1, delay=1.0)  # past one 0.5 s attempt, inside the 3 s budget
+    assert manager.get_valid_token().startswith("sbx-")
+    assert sandbox.counters()["token_requests"] == {US_KEY: 1}
+
+
+def test_no_answer_within_the_budget_is_never_asked_twice_within_the_minute(manager, sandbox):
+    sandbox.inject_fault("slow", count=2, delay=5.0)  # past the whole 3 s budget (a retry: slow too)
+    with pytest.raises(TokenUnavailableError, match="may have issued it"):
+        manager.get_valid_token()
+    with pytest.raises(TokenUnavailableError):  # backing off for the minute: nothing more is sent
+        manager.get_valid_token()
+    assert sandbox.counters()["faults_served"] == 1  # one request reached the broker, not two
