@@ -52,6 +52,8 @@ from urllib.parse import parse_qsl, urlsplit
 #: The broker writes expiries in Korea time without a zone designator.
 KST = timezone(timedelta(hours=9), "KST")
 TOKEN_PATH = "/oauth2/tokenP"
+#: The port ``python -m common.sandbox`` listens on unless told (``.env.example`` points there).
+DEFAULT_PORT = 8080
 FAULT_MODES = ("5xx", "5xx_code", "5xx_ratelimit", "html", "truncated", "drop", "slow", "drip", "drip_5xx")
 #: Garbled token answers (``bench/faults.py``), served by :meth:`_Handler._serve_garbled`.
 GARBLED_MODES = ("bad_charset", "deep_json", "non_ascii_token", "wrong_types", "huge_body")
@@ -716,9 +718,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m common.sandbox",
         description="Local stand-in for the KIS OAuth API.",
+        epilog=(
+            "Knobs (JSON over HTTP, under /sandbox/): GET counters; POST faults {\"mode\", \"count\", "
+            "\"delay\", \"path\"} with mode one of " + ", ".join(FAULT_MODES) + "; DELETE faults; "
+            "GET|POST clock {\"offset\"}; POST expire (protected calls answer EGW00123); POST reset; "
+            "GET|POST config {\"rate_limit\", \"token_lifetime\", \"same_token_window\"}. Example: "
+            "curl -X POST -d '{\"mode\": \"5xx\", \"count\": 2}' http://127.0.0.1:8080/sandbox/faults"
+        ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="loopback address (default %(default)s)")
-    parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="port (default %(default)s, as in .env.example; 0 picks a free one)")
     parser.add_argument("--rate-limit", type=float, default=60.0, metavar="SECONDS")
     parser.add_argument("--token-lifetime", type=float, default=86400.0, metavar="SECONDS")
     parser.add_argument("--same-token-window", type=float, default=6 * 3600.0, metavar="SECONDS")
