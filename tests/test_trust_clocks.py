@@ -99,3 +99,20 @@ def test_two_hosts_an_hour_apart_on_one_store_never_send_twice_a_minute(host, cl
         clock.advance(55)  # 65 s after the request: both may ask again
         assert b.refresh_token().access_token == fake_token(2)
         assert round(b.now.offset) == HOUR
+
+
+@pytest.mark.parametrize("garbage", [b"garbage{", b'{"last_request_at": NaN}'])
+def test_garbage_state_on_the_store_never_wins_over_the_hosts_good_one(host, server, clock, garbage):  # noqa: F811
+    from common import redis_store
+    from common.identity import Credential
+
+    a = host("a")
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.post(TOKEN_URL, json=token_answer(fake_token(1), clock() + DAY))
+        a.refresh_token()
+        name = redis_store.key_names(Credential.of("real", REAL_HOST, US_KEY).key_id)["state"]
+        server.client().set(name, garbage)
+        clock.advance(1)
+        with pytest.raises(RequestHeldBackError, match="requested 1 s ago"):
+            host("a").refresh_token()  # a new process: the host's good state wins
+        assert len(token_calls(mock)) == 1
