@@ -143,7 +143,7 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
             if kept:  # another process's clock may not be this one's: read the broker's (one GET)
                 kind.calibrate()
             engine = self._engine(credential, "token", kind, store=self._key_store, mirror=kind,
-                                  legacy=kind.legacy)
+                                  legacy=kind.legacy, copy=kind.copy)
             self._built, self._token_engine = (engine, kind), engine
         return self._built
 

@@ -107,6 +107,8 @@ class RenewalEngine(Generic[R]):
         daily_limit: at most this many issuances per key in 24 h (0: no limit).
         calibrate: reads the broker's clock into ``clock`` (True if it could); asked before a request
             when the key's last request seems to lie in the future.
+        copy: returns an intact copy of the record kept elsewhere (a market's mirror), served when
+            the stored record cannot be used.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class RenewalEngine(Generic[R]):
         legacy: Callable[[], R | None] | None = None,
         daily_limit: int = 0,
         calibrate: Callable[[], bool] | None = None,
+        copy: Callable[[], R | None] | None = None,
     ) -> None:
         self.name = name
         self.store = store
@@ -137,6 +140,8 @@ class RenewalEngine(Generic[R]):
         self._legacy = legacy
         self.daily_limit = daily_limit
         self._calibrate = calibrate
+        self._copy = copy
+        self._warned: str | None = None
         self._calibrated_at = _NEVER  # monotonic time of the last try
         self._mutex = threading.RLock()
         # (record, serve-from-memory-until, set-at), both in the local clock (what the broker's clock
@@ -481,19 +486,52 @@ class RenewalEngine(Generic[R]):
             self._publish(current, locked)
 
     def _load(self, locked: bool) -> tuple[R | None, bool]:
-        """The usable stored record (or None), and whether anything was stored at all."""
+        """The usable stored record (or None), and whether anything was stored at all.
+
+        A stored record that cannot be used is warned about once (naming the file), and its intact
+        copy (a market's mirror of it) is served instead when there is one, and written back under
+        the lock.
+        """
         try:
             record = self.store.record.load()
         except CorruptRecordError as exc:
-            _log.warning("ignoring the stored %s: %s", self.name, exc)
-            return None, True
+            self._warn_once(exc)
+            return self._from_copy(locked), True
         if record is None:
             return self._adopt_legacy(locked), False
         reason = self._accept(record)
         if reason is not None:
-            _log.warning("ignoring the stored %s: %s", self.name, reason)
+            self._warn_once(reason)
             return None, True
+        self._warned = None
         return record, True
+
+    def _warn_once(self, problem: object) -> None:
+        """Warn that the stored record is ignored, once per distinct problem (not at every re-read)."""
+        text = str(problem)
+        location = self.store.record.location
+        message = text if location in text else f"{location}: {text}"
+        if message != self._warned:
+            self._warned = message
+            _log.warning("ignoring the stored %s: %s", self.name, message)
+
+    def _from_copy(self, locked: bool) -> R | None:
+        """The record's intact copy, if the kind keeps one that is this key's and usable."""
+        if self._copy is None:
+            return None
+        try:
+            copy = self._copy()
+        except (KISTokenError, CorruptRecordError):
+            return None
+        if copy is None or self._accept(copy) is not None:
+            return None
+        if copy.seconds_left(self._clock()) <= self.windows.expiry_margin:
+            return None
+        _log.info("serving the %s from its intact copy", self.name)
+        if locked:
+            with contextlib.suppress(KISTokenError):
+                self.store.record.save(copy)
+        return copy
 
     def _adopt_legacy(self, locked: bool) -> R | None:
         """Take up a record an older version left, writing it as the key's record under the lock.

@@ -304,6 +304,18 @@ class MarketMirror:
         }
         write_file(self.mojito_path, json.dumps(mojito, indent=2))
 
+    def load_copy(self, key_id: str) -> TokenRecord | None:
+        """The mirrored record, if this market's file is a mirror of key ``key_id`` (else None).
+
+        Raises:
+            CorruptRecordError: the file cannot be used.
+            StoreError: it cannot be read.
+        """
+        text = read_text(self.record_path)
+        if text is None or _mirror_of(text) != key_id:
+            return None
+        return TokenRecord.from_json(text)
+
     def load_legacy(self) -> TokenRecord | None:
         """A record written by version 0.1 (before records belonged to keys), or None.
 
@@ -322,6 +334,15 @@ class MarketMirror:
     def delete(self) -> list[str]:
         """Remove the three files; return the paths removed."""
         return remove_files(self.record_path, self.issued_at_path, self.mojito_path)
+
+
+def _mirror_of(text: str) -> object:
+    """The ``mirror_of`` a record's JSON names (None if none, or not JSON)."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return data.get("mirror_of") if isinstance(data, dict) else None
 
 
 def mirror_prefixes(directory: Path) -> list[str]:

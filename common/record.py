@@ -81,7 +81,7 @@ class TokenRecord(NamedTuple):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise CorruptRecordError(f"not valid JSON ({exc.msg} at char {exc.pos})") from None
+            raise CorruptRecordError(f"not valid JSON ({exc.msg}, char {exc.pos})") from None
         except (ValueError, RecursionError):
             raise CorruptRecordError("not valid JSON") from None
         if not isinstance(data, dict):

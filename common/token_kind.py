@@ -86,6 +86,10 @@ class TokenKind:
         """Write this market's story files for the key's ``record``."""
         self.files.write(record._replace(market=self.manager.market), self.credential.key_id)
 
+    def copy(self) -> TokenRecord | None:
+        """This market's mirror of the key's record (None if it is not one, or cannot be read)."""
+        return self.files.load_copy(self.credential.key_id)
+
     def legacy(self) -> TokenRecord | None:
         """The best record of this key left by version 0.1 in any market's file (the one that lives
         longest), to adopt as the key's record; None if there is none."""

@@ -26,3 +26,24 @@ def test_sandbox_help_lists_every_fault_knob():
     assert f"default {DEFAULT_PORT}" in text
     for mode in FAULT_MODES:
         assert mode in text
+
+
+def test_a_corrupt_key_record_is_warned_once_naming_it_and_its_intact_mirror_is_served(us, clock, caplog):
+    import logging
+
+    import responses
+
+    from common.record import TokenRecord
+    from tests.conftest import DAY, fake_token
+
+    record = TokenRecord(fake_token(1), "Bearer", clock(), clock() + DAY, "us", us.environment,
+                         us.key_fingerprint())
+    us.save_token(record)
+    assert us.mirror.record_path.exists()
+    us.store.record.path.write_text('{"truncated": "')
+    fresh = type(us)(us.settings, clock=clock, jitter=0.0)  # a new process
+    with caplog.at_level(logging.WARNING), responses.RequestsMock():  # no request may be sent
+        assert fresh.get_valid_token() == fake_token(1)
+    warnings = [r.getMessage() for r in caplog.records if "ignoring the stored" in r.getMessage()]
+    assert len(warnings) == 1
+    assert str(us.store.record.path) in warnings[0] and "at at" not in warnings[0]
