@@ -79,6 +79,15 @@ def flushed(command: Callable[[], int]) -> int:
         return EXIT_FAILED
 
 
+def _stdout_works() -> bool:
+    """False if stdout cannot take what was written to it (so an error came from writing it)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null, so that the interpreter's last flush has nothing left to fail on."""
     with contextlib.suppress(OSError, ValueError):
@@ -104,7 +113,7 @@ def _main(
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # expected failures and bugs alike: one line, details at -vv
-        if isinstance(exc, OSError) and exc.errno in _OUTPUT_LOST:
+        if isinstance(exc, OSError) and exc.errno in _OUTPUT_LOST and not _stdout_works():
             raise  # stdout is gone (closed pipe, full disk): :func:`flushed` ends it silently
         if not isinstance(exc, KISTokenError):
             _log.debug("internal error", exc_info=True)

@@ -26,7 +26,6 @@ from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from common.errors import (
     CREDENTIAL_CODES,
-    AnswerLostError,
     BadResponseError,
     BrokerError,
     ConfigError,
@@ -269,6 +268,10 @@ class RenewalEngine(Generic[R]):
             _log.debug("another process renewed the %s meanwhile", self.name)
             return current  # type: ignore[return-value]
         state = self.load_state()
+        if state.last_request_at is not None and not self._clock_known() and self._read_broker_clock():
+            now = self._clock()  # a clock running ahead would take a recent request for an old one
+            if not needed(current, now):  # in the broker's time the held credential is still good
+                return current  # type: ignore[return-value]
         now = self._hold_back_if_too_soon(state, now, current, after)
         left = None if current is None else current.seconds_left(now)
         self._keep_to_daily_limit(state, now, left, after)
@@ -287,8 +290,6 @@ class RenewalEngine(Generic[R]):
             self._restamp(state, now, offset)
             if isinstance(exc, NotSentError):  # it never reached the broker: the minute is not spent
                 state.last_request_at = previous
-            if isinstance(exc, AnswerLostError):  # it may have been issued: count it against the day
-                state.issuances.append(state.last_request_at)
             self._observe(state, Outcome("failed", self._clock(), None, str(exc), left), after)
             raise
         except Exception as exc:  # a garbled answer the client did not foresee: a failure like any other
@@ -419,13 +420,18 @@ class RenewalEngine(Generic[R]):
         """The key's shared renewal memory. An unusable one counts as "a request may just have been
         made" (warning logged): the one-a-minute memory errs on the safe side."""
         try:
-            return self.store.state.load()
+            state = self.store.state.load()
         except CorruptRecordError as exc:
             _log.warning("the %s renewal state is unusable (%s); counting it as a request made just now",
                          self.name, exc)
             state = RenewalState(last_request_at=self._clock())
             state.unreadable = True
             return state
+        if state.unreadable:  # one copy of it (a shared store's) could not be read
+            _log.warning("one copy of the %s renewal state is unusable; counting it as a request made "
+                         "just now", self.name)
+            state.last_request_at = max(state.last_request_at or 0.0, self._clock())
+        return state
 
     # -- store and memory ---------------------------------------------------------------------------
 

@@ -528,7 +528,8 @@ def _foreign_owner(directory: Path, st: os.stat_result) -> str | None:
 def hand_to_directory_owner(fd: int, directory: Path, current: os.stat_result | None = None) -> None:
     """When root writes into another user's directory, give the open file ``fd`` to that user.
 
-    Only ever on a descriptor (``fchown``): a path could have been swapped for a link meanwhile.
+    Only ever on a descriptor (``fchown``): a path could have been swapped for a link meanwhile; and
+    never a file with another name elsewhere (a hard link someone planted to a file of root's).
 
     Args:
         fd: the open file.
@@ -540,7 +541,10 @@ def hand_to_directory_owner(fd: int, directory: Path, current: os.stat_result | 
     owner = os.stat(directory)
     if owner.st_uid == 0:
         return
-    if current is None or (current.st_uid, current.st_gid) != (owner.st_uid, owner.st_gid):
+    current = current or os.fstat(fd)
+    if current.st_nlink != 1:  # a hard link to a file elsewhere (someone else's): never give it away
+        return
+    if (current.st_uid, current.st_gid) != (owner.st_uid, owner.st_gid):
         fs.give_to(fd, owner.st_uid, owner.st_gid)
 
 

@@ -356,10 +356,11 @@ def _exchange(
             return status, _decode(b"".join(parts), response.encoding)
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         reason, sent = _transport_reason(exc)
-        if sent and "status" not in progress and "read timed out" in reason:
-            raise AnswerLostError(f"no answer from {mask_url(url)} within {patience:.1f} s; the broker may "
+        status = progress.get("status")
+        if _may_hold_a_token(status) and sent and (status is not None or "read timed out" in reason):
+            raise AnswerLostError(f"no complete answer from {mask_url(url)} ({reason}); the broker may "
                                   "have issued it: not asked again within the minute") from None
-        error = TransientError if sent else NotSentError
+        error = TransientError if sent or status is not None else NotSentError
         raise error(f"broker unreachable at {mask_url(url)}: {reason}") from None
 
 
@@ -389,7 +390,7 @@ def _transport_reason(exc: BaseException) -> tuple[str, bool]:
            for c in kinds):
         return "no answer to the connection (connect timed out)", False
     if any(isinstance(c, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)) for c in kinds):
-        return f"TLS handshake failed ({_last_words(causes)})", False
+        return f"TLS error ({_last_words(causes)})", True  # the handshake, or a record after sending
     if any(isinstance(c, urllib3.exceptions.NewConnectionError) for c in kinds):
         return f"cannot connect ({_last_words(causes)})", False
     if any(isinstance(c, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError))

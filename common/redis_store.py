@@ -558,8 +558,9 @@ class SharedStateStore:
         self.location = local.location
 
     def load(self) -> RenewalState:
-        """The server's state or the host's, whichever saw the later request; never an unusable one
-        while the other is usable (a garbled state on the server does not wipe the host's memory).
+        """The server's state or the host's, whichever saw the later request; an unusable copy never
+        wipes the usable one's memory, but marks it ``unreadable`` (the engine then counts a request
+        as made just now: the unusable copy may have known of one).
 
         Raises:
             CorruptRecordError: neither can be used.
@@ -578,7 +579,9 @@ class SharedStateStore:
                 found.append(state)
         if not found and problems:
             raise problems[0]
-        return max(found, key=lambda state: state.last_request_at or 0.0, default=RenewalState())
+        state = max(found, key=lambda state: state.last_request_at or 0.0, default=RenewalState())
+        state.unreadable = bool(problems)  # the other copy may know of a request this one does not
+        return state
 
     def save(self, state: RenewalState) -> None:
         """Store the state on the server (if it answers) and in the host's file."""

@@ -81,6 +81,17 @@ def fake_token(n: int = 1) -> str:
     return f"eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.SECRET-TOKEN-{n:04d}.c2lnbmF0dXJl"
 
 
+@pytest.fixture(autouse=True)
+def broker_clock_probe(request, monkeypatch):
+    """In-process tests talk to a mocked broker: its clock is not read (one look per process, a
+    ``GET`` of the base URL, is none of what they count) unless a test is marked ``broker_clock``.
+    Child processes and the sandbox are unaffected."""
+    if request.node.get_closest_marker("broker_clock") is None:
+        from common import kis_client
+
+        monkeypatch.setattr(kis_client, "probe_date", lambda *args, **kwargs: False)
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

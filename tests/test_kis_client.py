@@ -131,3 +131,42 @@ def test_revoke_sends_token_and_accepts_integer_code():
     kis_client.revoke_token(REAL_HOST, "key", "secret", "tok", sleep=SleepRecorder())
     assert b'"token": "tok"' in responses.calls[0].request.body
 
+
+
+def test_a_success_whose_body_breaks_off_is_lost_not_retried_and_not_unsent():
+    """A 200 whose body is cut by a reset may stand for an issued token: not sent again, and the
+    minute counts as spent (never a 'not sent')."""
+    import socket
+    import threading
+
+    from common.errors import AnswerLostError, NotSentError
+    from common.kis_client import Timeouts, issue_token
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    accepted = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                         b'{"access_token": "abc')
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            conn.close()  # a reset in the middle of the body
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(AnswerLostError) as raised:
+            issue_token(f"http://127.0.0.1:{server.getsockname()[1]}", "k", "s", now=lambda: 0.0,
+                        sleep=lambda seconds: None, timeouts=Timeouts(attempt=2.0, budget=4.0))
+        assert not isinstance(raised.value, NotSentError)
+        assert len(accepted) == 1  # one request, not retried
+    finally:
+        server.close()

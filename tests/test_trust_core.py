@@ -100,6 +100,7 @@ def test_a_last_request_in_the_future_is_held_back_without_moving_it_back(us, cl
     assert json.loads(state_file(us).read_text())["last_request_at"] == future
 
 
+@pytest.mark.broker_clock
 def test_a_future_stamp_that_the_brokers_clock_disproves_holds_back_one_minute(us, clock):
     seed(us, clock, left=30 * 60)
     state_file(us).write_text(json.dumps({"last_request_at": clock() + HOUR}))
@@ -137,6 +138,7 @@ def test_a_clock_that_jumps_a_day_ahead_keeps_serving_the_valid_token_after_one_
     assert us.get_token_info()["clock"].startswith("this host's clock is 23h")
 
 
+@pytest.mark.broker_clock
 def test_a_clock_nine_hours_behind_never_serves_a_token_the_broker_has_expired(make_manager, clock):
     behind = make_manager()
     broker_now = clock() + 9 * HOUR

@@ -406,6 +406,18 @@ def untouched(target: Path, content: str = "root's secret\n") -> bool:
 
 
 @root_only
+def test_a_hard_link_at_the_lock_path_is_never_handed_to_the_bot(bots_directory, make_manager):
+    """Where hard links to others' files are allowed (``fs.protected_hardlinks=0``, macOS, BSD), a
+    planted hard link is a file of root's under another name: it is never given away."""
+    environ, target = bots_directory
+    admin = make_manager(USTokenManager, environ, clock=time.time)
+    os.link(target, admin.store.lock.path)  # as root here; the bot could where links are unprotected
+    with admin.store.lock.hold(0):
+        pass
+    assert untouched(target)
+
+
+@root_only
 def test_a_link_at_the_lock_path_is_never_followed_by_root(bots_directory, sandbox, make_manager):
     environ, target = bots_directory
     environ = {**environ, "KIS_BASE_URL": sandbox.base_url}
