@@ -146,10 +146,20 @@ def describe_error(exc: BaseException, manager: object | None = None) -> tuple[s
     refusal = _cause(exc, CredentialsError)
     if refusal is not None:
         return f"{exc}; {_credentials_hint(refusal, manager)}", EXIT_CONFIG
-    if _cause(exc, StoreError) is not None:
+    about_the_directory = TOKEN_DIR_VAR not in str(exc) and _names_token_dir(exc, manager)
+    if _cause(exc, StoreError) is not None and about_the_directory:
         hint = f"check that this user can write there, or set {TOKEN_DIR_VAR} to another directory"
         return f"{exc} ({hint})", EXIT_FAILED
     return str(exc), EXIT_FAILED
+
+
+def _names_token_dir(exc: BaseException, manager: object | None) -> bool:
+    """True if ``exc`` is about a file in the token directory (not a metrics file, not the store)."""
+    try:
+        directory = str(manager.settings.token_dir)  # type: ignore[union-attr]
+    except Exception:
+        return False
+    return directory in str(exc)
 
 
 def unknown_info(manager: object | None, market: str, message: str) -> dict[str, object]:

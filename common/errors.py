@@ -103,5 +103,10 @@ class StoreError(KISTokenError):
     """The token directory or one of its files cannot be written."""
 
 
+class DirectoryError(ConfigError, StoreError):
+    """The token directory cannot be used by this user (cannot be created, or belongs to another
+    user): a configuration error (exit 3), named with ``KIS_TOKEN_DIR``."""
+
+
 class LockTimeoutError(KISTokenError):
     """Another process held the renewal lock for longer than the bounded wait."""

@@ -45,7 +45,7 @@ from typing import Any, Generic, TypeVar
 
 from common import fs
 from common.clock import to_kst_iso
-from common.errors import LockTimeoutError, StoreError
+from common.errors import DirectoryError, LockTimeoutError, StoreError
 from common.record import CorruptRecordError, TokenRecord
 from common.store import KeyStore, RenewalState
 
@@ -464,11 +464,12 @@ def prepare_directory(directory: Path) -> None:
     try:
         st = _make_directory(directory)
     except OSError as exc:
-        raise StoreError(f"cannot create {directory}: {exc.strerror or exc}") from None
+        raise DirectoryError(f"cannot create {directory}: {exc.strerror or exc} (set KIS_TOKEN_DIR to a "
+                             "directory this user can create)") from None
     check_directory_mode(directory, st)
     problem = _foreign_owner(directory, st)
     if problem is not None:
-        raise StoreError(problem)
+        raise DirectoryError(problem)
 
 
 def check_directory_mode(directory: Path, st: os.stat_result | None = None) -> None:
@@ -519,9 +520,10 @@ def _foreign_owner(directory: Path, st: os.stat_result) -> str | None:
     if fs.effective_uid() in (None, 0, st.st_uid):
         return None
     owner = _owner_name(directory)
+    who = "root" if owner == "root" else f"{owner} (or as root)"
     return (
-        f"{directory} belongs to {owner}: run this command as {owner} (or as root), or set "
-        "KIS_TOKEN_DIR to a directory of your own; files written now could not be read by its owner"
+        f"{directory} belongs to {owner}: run this command as {who}, or set KIS_TOKEN_DIR to a "
+        "directory of your own; files written now could not be read by its owner"
     )
 
 

@@ -47,3 +47,31 @@ def test_a_corrupt_key_record_is_warned_once_naming_it_and_its_intact_mirror_is_
     warnings = [r.getMessage() for r in caplog.records if "ignoring the stored" in r.getMessage()]
     assert len(warnings) == 1
     assert str(us.store.record.path) in warnings[0] and "at at" not in warnings[0]
+
+
+def test_an_error_that_is_not_about_the_token_directory_carries_no_hint_about_it(us, capsys):
+    from common.cli import main
+
+    code = main(lambda: us, ["metrics", "--textfile", "/nonexistent/dir/x.prom"], market="US")
+    err = capsys.readouterr().err
+    assert code == 1 and "/nonexistent/dir/x.prom" in err
+    assert "KIS_TOKEN_DIR" not in err
+
+
+def test_a_directory_that_belongs_to_root_says_so_once_and_exits_3(tmp_path, monkeypatch, capsys):
+    import os
+
+    import pytest
+
+    from common import file_store
+    from common.cli import describe_error
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a root-owned directory for another user")
+    directory = tmp_path / "root-owned"
+    directory.mkdir(mode=0o755)
+    monkeypatch.setattr(file_store.fs, "effective_uid", lambda: 65534)
+    with pytest.raises(Exception) as raised:
+        file_store.prepare_directory(directory)
+    message, code = describe_error(raised.value)
+    assert code == 3 and "run this command as root," in message and "(or as root)" not in message

@@ -96,7 +96,7 @@ def test_another_user_is_refused_before_any_request(env, sandbox):
     token_dir.mkdir(mode=0o700)
     os.chmod(token_dir, 0o777)  # root's directory, writable by all: an admin's mistake
     code, err = _as_nobody(environ)
-    assert code == 1
+    assert code == 3  # a configuration problem: the directory is someone else's
     assert "belongs to root" in err and "Traceback" not in err
     assert sandbox.counters()["token_requests"] == {}
     assert list(token_dir.iterdir()) == []
