@@ -296,6 +296,11 @@ def _duration(text: str) -> float:
 def _check(manager, args: argparse.Namespace) -> int:
     info = manager.get_token_info()
     code = CHECK_EXIT[info["status"]]
+    store = info["store"]
+    if store["misconfigured"]:  # it answers, but refuses us: every host falls back on its own files
+        code = CHECK_UNKNOWN
+        _error(args, f"the token store {store['url']} refuses this configuration ({store['error']}): "
+                     "fix the password, user or database in KIS_TOKEN_STORE")
     if args.json:
         print(json.dumps(info, ensure_ascii=False))
         return code

@@ -65,6 +65,9 @@ RETRY_INTERVAL = 5.0
 #: (``Windows.lock_wait``), the token request's whole retry budget with its last attempt
 #: (``kis_client.Timeouts``: ``budget`` 20 s + ``attempt`` 10 s), and a margin for the writes.
 LEASE = LOCK_WAIT + 20.0 + 10.0 + 30.0
+#: Errors that say the server answers but refuses this configuration (password, user, database).
+MISCONFIGURED = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError", "AuthorizationError",
+                 "NoPermissionError", "ResponseError")
 TOMBSTONE = b"deleted"  # followed by ":<expiry of the deleted record>"
 TOMBSTONE_TTL = 2 * 86400  # tokens live 24 h: by then no host holds the deleted one any more
 #: A check-and-set of the record that loses the race to another writer this many times in a row
@@ -625,14 +628,17 @@ def _codec(kind: str) -> tuple[Callable[[str], Any], Callable[[Any], str]]:
 
 def describe(store: KeyStore[Any]) -> dict[str, Any]:
     """What ``check`` shows of a shared store: ``kind``, ``url`` (password masked), ``reachable``,
-    ``error`` (why not) and ``prefix`` (of the key's names on the server)."""
+    ``misconfigured`` (it answers but refuses our password, user or database), ``error`` (why not)
+    and ``prefix`` (of the key's names on the server)."""
     record = store.record
     server: StoreLink = record.link  # type: ignore[attr-defined]
     reachable = not server.down and server.ping()
+    error = None if reachable else server.error
     return {
         "kind": "redis",
         "url": server.url,
         "reachable": reachable,
-        "error": None if reachable else server.error,
+        "misconfigured": error is not None and error.startswith(MISCONFIGURED),
+        "error": error,
         "prefix": record.shared.name.rsplit(":", 1)[0] + ":",  # type: ignore[attr-defined]
     }

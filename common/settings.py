@@ -262,7 +262,8 @@ def _store_url_problem(value: str) -> str | None:
         parts = urlsplit(value)
         parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
     except ValueError:
-        return "it cannot be parsed"
+        return ("it cannot be parsed; a password holding / ? # @ or : must be percent-encoded: "
+                "%2F %3F %23 %40 %3A")
     if parts.scheme not in STORE_SCHEMES or "://" not in value:
         return "unknown scheme"
     path = parts.path.strip("/")

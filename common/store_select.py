@@ -31,4 +31,5 @@ def describe(store: KeyStore[Any]) -> dict[str, Any]:
         from common import redis_store
 
         return redis_store.describe(store)
-    return {"kind": "file", "url": None, "reachable": True, "error": None, "prefix": None}
+    return {"kind": "file", "url": None, "reachable": True, "misconfigured": False, "error": None,
+            "prefix": None}

@@ -409,7 +409,7 @@ def assert_check_schema(info: dict[str, Any]) -> None:
     assert isinstance(info["files"], dict)
     assert {"record", "issued_at", "mojito", "key_record", "state", "lock"} <= set(info["files"])
     assert all(isinstance(path, str) for path in info["files"].values())
-    assert set(info["store"]) == {"kind", "url", "reachable", "error", "prefix"}
+    assert set(info["store"]) == {"kind", "url", "reachable", "misconfigured", "error", "prefix"}
     assert info["store"]["kind"] in ("file", "redis") and type(info["store"]["reachable"]) is bool
     present = info["present"]
     for key in ("issued_at", "expires_at", "seconds_left", "token"):

@@ -309,8 +309,8 @@ def test_check_says_which_store_is_used_and_whether_it_answers(host, server, clo
     info = json.loads(capsys.readouterr().out)
     key_id = Credential.of("real", REAL_HOST, US_KEY).key_id
     assert info["schema"] == 1
-    assert info["store"] == {"kind": "redis", "url": masked, "reachable": True, "error": None,
-                             "prefix": f"kis-token:v1:{key_id}:"}
+    assert info["store"] == {"kind": "redis", "url": masked, "reachable": True, "misconfigured": False,
+                             "error": None, "prefix": f"kis-token:v1:{key_id}:"}
     assert main(lambda: a, ["check"], market="US") == 0
     out, err = capsys.readouterr()
     assert f"  store:    {masked} (answers)\n" in out

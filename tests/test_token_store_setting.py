@@ -32,7 +32,7 @@ def test_unset_or_file_is_the_token_directory(value, make_manager, env):
     manager = make_manager(USTokenManager, {**env, **({} if value is None else {"KIS_TOKEN_STORE": value})})
     assert isinstance(manager.store.record, FileRecordStore)
     assert manager.get_token_info()["store"] == {
-        "kind": "file", "url": None, "reachable": True, "error": None, "prefix": None,
+        "kind": "file", "url": None, "reachable": True, "misconfigured": False, "error": None, "prefix": None,
     }
 
 

@@ -169,3 +169,16 @@ def test_ready_of_a_shared_store_is_its_host_files(server, tmp_path):
     with pytest.raises(StoreError) as caught:
         store.record.ready()
     assert str(caught.value) == expected
+
+
+def test_a_store_that_refuses_our_password_or_database_makes_check_exit_3(server, make_manager, env,
+                                                                          tmp_path, capsys):
+    from common.cli import main
+    from us.token_manager import USTokenManager
+
+    url = server.url.removesuffix("/0") + "/99"  # a database the server does not have
+    manager = make_manager(USTokenManager, {**env, "KIS_TOKEN_STORE": url,
+                                            "KIS_TOKEN_DIR": str(tmp_path / "h")})
+    assert main(lambda: manager, ["-q", "check"], market="US") == 3
+    err = capsys.readouterr().err
+    assert "refuses this configuration" in err and "KIS_TOKEN_STORE" in err
