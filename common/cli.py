@@ -141,6 +141,10 @@ def describe_error(exc: BaseException, manager: object | None = None) -> tuple[s
     """
     if isinstance(exc, ConfigError):
         return f"configuration: {exc}", EXIT_CONFIG
+    if isinstance(exc, ModuleNotFoundError):
+        return (f"this Python lacks the package's dependencies (no module named {exc.name!r}): run it with "
+                "the virtual environment's python (.venv/bin/python -m ...), or install the package into "
+                "this one (pip install -e .)"), EXIT_CONFIG
     if not isinstance(exc, KISTokenError):
         return f"internal error: {type(exc).__name__}: {exc}", EXIT_FAILED
     refusal = _cause(exc, CredentialsError)

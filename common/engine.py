@@ -292,6 +292,10 @@ class RenewalEngine(Generic[R]):
                 state.last_request_at = previous
             self._observe(state, Outcome("failed", self._clock(), None, str(exc), left), after)
             raise
+        except ImportError:  # a dependency missing from this Python: nothing was sent
+            state.last_request_at = previous
+            self.store.state.save(state)
+            raise
         except Exception as exc:  # a garbled answer the client did not foresee: a failure like any other
             self._restamp(state, now, offset)
             error = BadResponseError(f"the broker's answer could not be read ({type(exc).__name__})")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from common.sandbox.server import DEFAULT_PORT, FAULT_MODES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,3 +77,34 @@ def test_a_directory_that_belongs_to_root_says_so_once_and_exits_3(tmp_path, mon
         file_store.prepare_directory(directory)
     message, code = describe_error(raised.value)
     assert code == 3 and "run this command as root," in message and "(or as root)" not in message
+
+
+def test_a_missing_dependency_says_which_python_to_use(us, monkeypatch):
+    from common.cli import describe_error
+
+    def issue_without_requests(current):
+        raise ModuleNotFoundError("No module named 'requests'", name="requests")
+
+    engine = us._wired()[0]
+    monkeypatch.setattr(engine, "_issue", issue_without_requests)
+    with pytest.raises(ModuleNotFoundError) as raised:  # not taken for a garbled answer
+        us.get_valid_token()
+    message, code = describe_error(raised.value)
+    assert code == 3 and "no module named 'requests'" in message and ".venv/bin/python" in message
+    state = us.load_renewal_state()
+    assert state.last_outcome is None and state.last_request_at is None  # nothing was sent: no minute spent
+
+
+def test_a_bots_own_common_package_is_one_clear_line(tmp_path):
+    bot = tmp_path / "bot"
+    (bot / "common").mkdir(parents=True)
+    (bot / "common" / "__init__.py").write_text("")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{bot}:{REPO}"}
+    result = subprocess.run([sys.executable, "-m", "kr.token_manager", "check"], cwd=bot, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 3
+    assert result.stderr.count("\n") == 1 and "another package named 'common'" in result.stderr
+    assert str(bot / "common") in result.stderr
+    script = subprocess.run([sys.executable, "-c", "import us.token_manager"], cwd=bot, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert "ImportError: kis-token-manager: another package named 'common'" in script.stderr
