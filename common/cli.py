@@ -242,10 +242,12 @@ def _parser(market: str, prog: str | None = None) -> argparse.ArgumentParser:
     command("get", _get, "print a valid token, renewing first if needed")
     command("approval", _approval, "print the WebSocket approval key, issuing it first if needed")
     command("refresh", _refresh, "force a renewal now")
-    command("delete", _delete, "remove this market's local token files")
+    command("delete", _delete, "remove the app key's token (for every market that uses the key, and on every "
+            "host with a shared store) and this market's token files")
     warmup = command("warmup", _warmup, "renew only if the token would expire within a horizon")
     warmup.add_argument("--valid-for", type=_duration, default=None, metavar="DURATION",
-                        help="horizon such as 8h, 90m or 3600s (default: the market's session)")
+                        help="horizon such as 8h, 90m or 3600s; a bare number is seconds (default: the "
+                             "market's session)")
     command("revoke", _revoke, "revoke the token at the broker and remove local files")
     metrics = command("metrics", _metrics, "print Prometheus metrics")
     metrics.add_argument("--textfile", metavar="PATH", help="write them atomically to PATH instead")

@@ -210,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="KIS Open API tokens of both markets. "
         "'kis-token us COMMAND' is 'python -m us.token_manager COMMAND' (and kr likewise): "
-        "check, get, refresh, delete, warmup, revoke, metrics.",
+        "check, get, approval, refresh, delete, warmup, revoke, metrics.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-vv: debug)")

@@ -108,3 +108,17 @@ def test_a_bots_own_common_package_is_one_clear_line(tmp_path):
     script = subprocess.run([sys.executable, "-c", "import us.token_manager"], cwd=bot, env=env,
                             capture_output=True, text=True, timeout=30)
     assert "ImportError: kis-token-manager: another package named 'common'" in script.stderr
+
+
+def test_help_texts_say_what_the_commands_do():
+    from common.cli import _parser
+    from common.console import _parser as console_parser
+
+    assert "approval" in console_parser().description
+    text = _parser("KR").format_help() + " ".join(
+        action.help or "" for group in _parser("KR")._subparsers._group_actions
+        for action in group._choices_actions)
+    text = " ".join(text.split())
+    assert "for every market that uses the key" in text
+    warmup = _parser("KR")._subparsers._group_actions[0].choices["warmup"].format_help()
+    assert "a bare number is seconds" in " ".join(warmup.split())
