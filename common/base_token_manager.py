@@ -216,11 +216,13 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
         self._wired()[0].put(record)
 
     def delete_token(self) -> list[str]:
-        """Remove the key's token and this market's story files; return the paths removed."""
+        """Remove the key's token, this market's story files, and any other market's that mirror the
+        key's token (so that the deleted token never comes back from a copy); return the paths removed."""
+        engine, kind = self._wired()
         try:
-            removed = self._wired()[0].forget()
+            removed = engine.forget()
         finally:
-            mirrored = self.mirror.delete()
+            mirrored = self.mirror.delete() + kind.delete_other_copies()
         return removed + mirrored
 
     def is_token_expired(self, record: TokenRecord | None = None) -> bool:

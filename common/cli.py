@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from common.clock import format_duration
-from common.errors import ConfigError, CredentialsError, KISTokenError, StoreError
+from common.errors import ConfigError, CredentialsError, DirectoryError, KISTokenError, StoreError
 from common.settings import ENV_VAR, LOG_LEVEL_VAR, TOKEN_DIR_VAR
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
@@ -141,6 +141,9 @@ def describe_error(exc: BaseException, manager: object | None = None) -> tuple[s
     """
     if isinstance(exc, ConfigError):
         return f"configuration: {exc}", EXIT_CONFIG
+    unusable_directory = _cause(exc, DirectoryError)
+    if unusable_directory is not None:  # a token directory this user cannot use: configuration
+        return f"configuration: {unusable_directory}", EXIT_CONFIG
     if isinstance(exc, ModuleNotFoundError):
         return (f"this Python lacks the package's dependencies (no module named {exc.name!r}): run it with "
                 "the virtual environment's python (.venv/bin/python -m ...), or install the package into "

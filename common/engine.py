@@ -26,6 +26,7 @@ from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from common.errors import (
     CREDENTIAL_CODES,
+    AnswerLostError,
     BadResponseError,
     BrokerError,
     ConfigError,
@@ -196,9 +197,9 @@ class RenewalEngine(Generic[R]):
             raise TokenUnavailableError(f"no valid {self.name}: {self.backoff.error}")
         try:
             return self.renew(decision.lock_wait, self.due)
-        except ConfigError:
-            raise
         except KISTokenError as exc:
+            if isinstance(exc, ConfigError) and not isinstance(exc, StoreError):
+                raise  # a token directory this user cannot use still leaves the held token in service
             self.back_off(exc)
             now = self._clock()
             current = self.snapshot[0]
@@ -290,6 +291,8 @@ class RenewalEngine(Generic[R]):
             self._restamp(state, now, offset)
             if isinstance(exc, NotSentError):  # it never reached the broker: the minute is not spent
                 state.last_request_at = previous
+            if isinstance(exc, AnswerLostError) and exc.succeeded:  # most likely issued: count it
+                state.issuances.append(state.last_request_at or now)
             self._observe(state, Outcome("failed", self._clock(), None, str(exc), left), after)
             raise
         except ImportError:  # a dependency missing from this Python: nothing was sent
@@ -499,14 +502,13 @@ class RenewalEngine(Generic[R]):
         """The usable stored record (or None), and whether anything was stored at all.
 
         A stored record that cannot be used is warned about once (naming the file), and its intact
-        copy (a market's mirror of it) is served instead when there is one, and written back under
-        the lock.
+        copy (a market's mirror of it) is served instead when there is one.
         """
         try:
             record = self.store.record.load()
         except CorruptRecordError as exc:
             self._warn_once(exc)
-            return self._from_copy(locked), True
+            return self._from_copy(), True
         if record is None:
             return self._adopt_legacy(locked), False
         reason = self._accept(record)
@@ -525,8 +527,10 @@ class RenewalEngine(Generic[R]):
             self._warned = message
             _log.warning("ignoring the stored %s: %s", self.name, message)
 
-    def _from_copy(self, locked: bool) -> R | None:
-        """The record's intact copy, if the kind keeps one that is this key's and usable."""
+    def _from_copy(self) -> R | None:
+        """The record's intact copy, if the kind keeps one that is this key's, usable, and newer than
+        the one held in memory (it is served, never written back: the next renewal replaces the
+        unusable record)."""
         if self._copy is None:
             return None
         try:
@@ -535,12 +539,12 @@ class RenewalEngine(Generic[R]):
             return None
         if copy is None or self._accept(copy) is not None:
             return None
+        held = self.snapshot[0]
+        if held is not None and held.expires_at >= copy.expires_at:
+            return None
         if copy.seconds_left(self._clock()) <= self.windows.expiry_margin:
             return None
         _log.info("serving the %s from its intact copy", self.name)
-        if locked:
-            with contextlib.suppress(KISTokenError):
-                self.store.record.save(copy)
         return copy
 
     def _adopt_legacy(self, locked: bool) -> R | None:

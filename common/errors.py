@@ -87,7 +87,16 @@ class NotSentError(TransientError):
 class AnswerLostError(KISTokenError):
     """The broker accepted a request but its answer did not arrive in time. It may have issued a
     token (and texted the user), and it refuses a second request within the minute, so this is not
-    retried at once; within 6 h of an issuance the next request gets the same token back."""
+    retried at once; within 6 h of an issuance the next request gets the same token back.
+
+    Attributes:
+        succeeded: the answer's status line said success (a token was most likely issued); False
+            when no status arrived at all (a broker that hangs issues nothing, most likely).
+    """
+
+    def __init__(self, message: str, succeeded: bool = False) -> None:
+        super().__init__(message)
+        self.succeeded = succeeded
 
 
 class BadResponseError(KISTokenError):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -310,7 +311,8 @@ def _post_once(
     if worker.is_alive():
         if _may_hold_a_token(box.get("status")):
             raise AnswerLostError(f"no complete answer from {mask_url(url)} within {patience:.1f} s; the "
-                                  "broker may have issued it: not asked again within the minute")
+                                  "broker may have issued it: not asked again within the minute",
+                                  succeeded=box.get("status") is not None)
         raise TransientError(f"no complete answer from {mask_url(url)} within {limit:.1f} s")
     if "error" in box:
         raise box["error"]
@@ -344,7 +346,8 @@ def _exchange(
                 if time.monotonic() > deadline:
                     where = mask_url(url)
                     if success:
-                        raise AnswerLostError(f"the answer from {where} did not arrive in {patience:.1f} s")
+                        raise AnswerLostError(f"the answer from {where} did not arrive in {patience:.1f} s",
+                                              succeeded=True)
                     raise TransientError(f"the answer from {where} took more than {limit:.1f} s; cut off")
                 chunk = response.raw.read1(65536, decode_content=True)
                 if not chunk:
@@ -359,7 +362,8 @@ def _exchange(
         status = progress.get("status")
         if _may_hold_a_token(status) and sent and (status is not None or "read timed out" in reason):
             raise AnswerLostError(f"no complete answer from {mask_url(url)} ({reason}); the broker may "
-                                  "have issued it: not asked again within the minute") from None
+                                  "have issued it: not asked again within the minute",
+                                  succeeded=status is not None) from None
         error = TransientError if sent or status is not None else NotSentError
         raise error(f"broker unreachable at {mask_url(url)}: {reason}") from None
 
@@ -389,6 +393,8 @@ def _transport_reason(exc: BaseException) -> tuple[str, bool]:
     if any(isinstance(c, (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError))
            for c in kinds):
         return "no answer to the connection (connect timed out)", False
+    if any(isinstance(c, ssl.SSLCertVerificationError) for c in kinds):
+        return f"the broker's TLS certificate is not trusted ({_last_words(causes)})", False
     if any(isinstance(c, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)) for c in kinds):
         return f"TLS error ({_last_words(causes)})", True  # the handshake, or a record after sending
     if any(isinstance(c, urllib3.exceptions.NewConnectionError) for c in kinds):

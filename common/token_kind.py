@@ -8,11 +8,12 @@ with the key's record.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 from common.clock import to_kst_iso
-from common.errors import StoreError
+from common.errors import KISTokenError, StoreError
 from common.file_store import MarketMirror, mirror_prefixes
 from common.identity import Credential
 from common.record import CorruptRecordError, TokenRecord, mask_token
@@ -89,6 +90,17 @@ class TokenKind:
     def copy(self) -> TokenRecord | None:
         """This market's mirror of the key's record (None if it is not one, or cannot be read)."""
         return self.files.load_copy(self.credential.key_id)
+
+    def delete_other_copies(self) -> list[str]:
+        """Remove the other markets' story files that mirror this key's token; return their paths."""
+        removed: list[str] = []
+        for prefix in mirror_prefixes(self.files.directory):
+            other = MarketMirror(self.files.directory, prefix)
+            if other.record_path != self.files.record_path:
+                with contextlib.suppress(CorruptRecordError, KISTokenError):
+                    if other.load_copy(self.credential.key_id) is not None:
+                        removed += other.delete()
+        return removed
 
     def legacy(self) -> TokenRecord | None:
         """The best record of this key left by version 0.1 in any market's file (the one that lives

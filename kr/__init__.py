@@ -1,5 +1,5 @@
 """KR (domestic) market: configuration and token manager."""
 
-from us import check_common_is_ours
+from kis_token_guard import check_common_is_ours
 
-check_common_is_ours()
+check_common_is_ours(__file__)

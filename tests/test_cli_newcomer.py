@@ -435,7 +435,7 @@ def test_plain_install_into_a_fresh_venv_runs_kis_token_from_anywhere(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "kis_token_guard.py"):
         shutil.copy2(REPO / name, source / name)
     for package in ("common", "us", "kr"):
         shutil.copytree(REPO / package, source / package, ignore=ignore)

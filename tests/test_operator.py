@@ -122,3 +122,58 @@ def test_help_texts_say_what_the_commands_do():
     assert "for every market that uses the key" in text
     warmup = _parser("KR")._subparsers._group_actions[0].choices["warmup"].format_help()
     assert "a bare number is seconds" in " ".join(warmup.split())
+
+
+def test_a_token_directory_this_user_cannot_use_keeps_the_held_token_in_service(us, clock, monkeypatch):
+    from common import file_store
+    from common.record import TokenRecord
+    from tests.conftest import DAY, fake_token
+
+    us.save_token(TokenRecord(fake_token(1), "Bearer", clock() - DAY + 50 * 60, clock() + 50 * 60, "us",
+                              us.environment, us.key_fingerprint()))
+    monkeypatch.setattr(file_store, "_foreign_owner", lambda directory, st: f"{directory} belongs to root")
+    for _ in range(3):  # the advisory renewal cannot take the lock: the token keeps being served
+        assert us.get_valid_token() == fake_token(1)
+
+
+@pytest.mark.parametrize("succeeded", [True, False])
+def test_a_lost_success_counts_against_the_daily_budget_a_lost_silence_does_not(us, monkeypatch, succeeded):
+    from common.errors import AnswerLostError, KISTokenError
+
+    engine = us._wired()[0]
+
+    def lost(current):
+        raise AnswerLostError("lost", succeeded=succeeded)
+
+    monkeypatch.setattr(engine, "_issue", lost)
+    with pytest.raises(KISTokenError):
+        us.get_valid_token()
+    assert len(us.load_renewal_state().issuances) == (1 if succeeded else 0)
+
+
+def test_a_deleted_token_never_comes_back_from_the_other_markets_mirror(make_manager, env, clock):
+    import responses
+
+    from kr.token_manager import KRTokenManager
+    from tests.conftest import DAY, TOKEN_URL, US_KEY, US_SECRET, fake_token, token_answer
+
+    one_key = {**env, "KIS_KR_APP_KEY": US_KEY, "KIS_KR_APP_SECRET": US_SECRET}
+    us, kr = make_manager(environ=one_key), make_manager(KRTokenManager, environ=one_key)
+    with responses.RequestsMock() as mock:
+        mock.post(TOKEN_URL, json=token_answer(fake_token(1), clock() + DAY))
+        assert us.get_valid_token() == kr.get_valid_token() == fake_token(1)
+    assert us.mirror.record_path.exists() and kr.mirror.record_path.exists()
+    kr.delete_token()
+    assert not us.mirror.record_path.exists()  # the us mirror of the deleted token went too
+    us.store.record.path.write_text("garbage")  # and a later bad record brings nothing back
+    assert make_manager(environ=one_key).load_token() is None
+
+
+def test_a_bots_own_us_package_does_not_break_kr(tmp_path):
+    bot = tmp_path / "bot"
+    (bot / "us").mkdir(parents=True)
+    (bot / "us" / "__init__.py").write_text("")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{bot}:{REPO}"}
+    result = subprocess.run([sys.executable, "-c", "import kr.token_manager"], cwd=bot, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
