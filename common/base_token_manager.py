@@ -151,8 +151,9 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
         """Start from the offset the host's last process learned (True if there is one: a host whose
         clock is off); keep every change for the host's next process."""
         directory = self.settings.token_dir
-        kept = 0.0 if self.now.offset else host_clock.load_offset(directory)
-        self.now.offset = self.now.offset or kept
+        kept = 0.0
+        if not self.now.offset:
+            kept = self.now.offset = host_clock.load_offset(directory)
         self.now.on_change = lambda offset: host_clock.save_offset(directory, offset, self.now())
         return bool(kept)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
+#: Times outside 2000-01-01 .. 2100-01-01 UTC are garbage, not times (stored records, states, headers).
+EARLIEST, LATEST = 946684800.0, 4102444800.0
 #: The broker states expiries in Korea time without a zone designator (KIS_FACTS.md).
 KST = timezone(timedelta(hours=9), "KST")
 
@@ -78,7 +80,7 @@ def parse_http_date(value: object) -> float | None:
     if moment.tzinfo is None:
         return None
     stamp = moment.timestamp()
-    return stamp if 946684800.0 <= stamp <= 4102444800.0 else None
+    return stamp if EARLIEST <= stamp <= LATEST else None
 
 
 class BrokerClock:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
@@ -363,9 +364,10 @@ class RenewalEngine(Generic[R]):
         retry_in = last + interval - now
         if state.unreadable:
             ago = "possibly just now (the key's renewal state was unreadable)"
+        ago = ago or f"{max(0.0, now - last):.0f} s ago"
         message = (
-            f"a {self.name} was requested {ago or f'{now - last:.0f} s ago'} for this app key; the broker "
-            f"allows one a minute (next request possible in {retry_in:.0f} s)"
+            f"a {self.name} was requested {ago} for this app key; the broker allows one a minute "
+            f"(next request possible in {retry_in:.0f} s)"
         )
         left = None if current is None else current.seconds_left(now)
         failed = state.last_outcome in ("refused", "failed") and (state.last_outcome_at or 0.0) >= last - 1
@@ -380,8 +382,6 @@ class RenewalEngine(Generic[R]):
 
     def _read_broker_clock(self) -> bool:
         """Read the broker's clock (at most once per :data:`CALIBRATE_INTERVAL`); True if read now."""
-        import time
-
         if self._calibrate is None or time.monotonic() - self._calibrated_at < CALIBRATE_INTERVAL:
             return False
         self._calibrated_at = time.monotonic()

@@ -210,16 +210,28 @@ def probe_date(
     timeout: float = 3.0,
 ) -> bool:
     """Read the broker's clock: one ``GET`` of the base URL (no credentials, no token request),
-    whose answer's ``Date`` header goes to ``on_date``; True if an answer came."""
+    whose answer's ``Date`` header goes to ``on_date``; True if an answer came within ``timeout``
+    seconds of wall time (headers that drip, DNS included: the caller may hold the key's lock)."""
     sender = session or requests
-    try:
-        with sender.get(base_url + "/", timeout=(timeout, timeout), stream=True,
-                        allow_redirects=False) as response:
-            on_date(response.headers.get("Date"))
-            return True
-    except Exception as exc:  # a probe is advice: never an error
-        _log.debug("cannot read the broker's clock at %s: %s", mask_url(base_url), type(exc).__name__)
+    box: dict[str, object] = {}
+
+    def fetch() -> None:
+        try:
+            with sender.get(base_url + "/", timeout=(timeout, timeout), stream=True,
+                            allow_redirects=False) as response:
+                box["date"] = response.headers.get("Date")
+        except Exception as exc:  # a probe is advice: never an error
+            box["error"] = type(exc).__name__
+
+    worker = threading.Thread(target=fetch, name="kis-token-clock", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if "date" not in box:
+        _log.debug("cannot read the broker's clock at %s: %s", mask_url(base_url),
+                   box.get("error", f"no answer within {timeout:g} s"))
         return False
+    on_date(box["date"])
+    return True
 
 
 def _is_credential(value: object, limit: int = MAX_CREDENTIAL) -> bool:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple
 
-from common.clock import parse_iso, to_kst_iso
+from common.clock import EARLIEST, LATEST, parse_iso, to_kst_iso
 
 FORMAT_VERSION = 1
-_EARLIEST, _LATEST = 946684800.0, 4102444800.0  # 2000-01-01 and 2100-01-01 UTC
 
 
 class CorruptRecordError(ValueError):
@@ -112,7 +111,7 @@ def _require_time(data: dict[str, Any], name: str) -> float:
         moment = parse_iso(value)
     except ValueError:
         raise CorruptRecordError(f"field {name!r} is not an ISO time with a zone offset") from None
-    if not _EARLIEST <= moment <= _LATEST:
+    if not EARLIEST <= moment <= LATEST:
         raise CorruptRecordError(f"field {name!r} is not a plausible time")
     return moment
 

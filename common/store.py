@@ -16,6 +16,7 @@ import contextlib
 import json
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
+from common.clock import EARLIEST, LATEST
 from common.record import CorruptRecordError
 
 R = TypeVar("R")
@@ -34,8 +35,6 @@ _STATE_DEFAULTS: dict[str, Any] = {
     "legacy_closed": False,
     "issuances": [],
 }
-#: Stored times outside this range (2000-01-01 .. 2100-01-01 UTC) are garbage, not times.
-_EARLIEST, _LATEST = 946684800.0, 4102444800.0
 #: Issuances remembered for the daily budget: the last 24 h, at most this many.
 MAX_ISSUANCES = 1000
 
@@ -86,7 +85,9 @@ class RenewalState:
 
     def to_dict(self) -> dict[str, Any]:
         """The state as a JSON-ready dict."""
-        return {name: getattr(self, name) for name in _STATE_DEFAULTS}
+        data = {name: getattr(self, name) for name in _STATE_DEFAULTS}
+        data["issuances"] = self.issuances[-MAX_ISSUANCES:]  # never more than a reader accepts
+        return data
 
     @classmethod
     def from_json(cls, text: str) -> RenewalState:
@@ -103,7 +104,8 @@ class RenewalState:
         return cls(**data)
 
     def recent_issuances(self, now: float, window: float = 86400.0) -> list[float]:
-        """The issuances within ``window`` seconds before ``now`` (and none "in the future")."""
+        """The issuances within ``window`` seconds of ``now`` (one stamped ahead by a clock that ran
+        ahead still counts: the budget errs on the safe side)."""
         return [at for at in self.issuances if now - window < at <= now + window]
 
 
@@ -129,7 +131,7 @@ def _is_count(value: object) -> bool:
 
 
 def _is_time(value: object) -> bool:
-    return _is_count(value) and _EARLIEST <= value <= _LATEST  # type: ignore[operator]
+    return _is_count(value) and EARLIEST <= value <= LATEST  # type: ignore[operator]
 
 
 class RecordStore(Protocol[R]):

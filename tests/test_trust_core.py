@@ -412,3 +412,43 @@ def test_a_directory_at_the_record_path_is_a_clear_error_before_any_request(us, 
                 manager.get_valid_token()
         assert token_calls(mock) == []
     assert "is a directory" in us.get_token_info()["problem"]
+
+
+@pytest.mark.broker_clock
+def test_reading_the_brokers_clock_is_bounded_by_wall_time_even_when_the_answer_drips():
+    import socket
+
+    from common import kis_client
+
+    answer = b"HTTP/1.1 404 Not Found\r\nDate: " + formatdate(usegmt=True).encode() + b"\r\n\r\n"
+    stop = threading.Event()
+
+    def drip(server: socket.socket) -> None:  # one byte every 50 ms: each read is quick, the whole slow
+        conn, _ = server.accept()
+        with conn:
+            for byte in answer:
+                if stop.wait(0.05):
+                    return
+                conn.sendall(bytes([byte]))
+
+    seen = []
+    with socket.socket() as server:  # the caller may hold the key's lock: this must not hold it
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        thread = threading.Thread(target=drip, args=(server,), daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{server.getsockname()[1]}"
+            assert kis_client.probe_date(url, seen.append, timeout=0.3) is False
+        finally:
+            stop.set()
+            thread.join(5)
+    assert seen == []  # nothing observed, no clock moved
+
+
+def test_the_stored_issuances_never_outgrow_what_a_reader_accepts():
+    from common.store import MAX_ISSUANCES, RenewalState
+
+    state = RenewalState(issuances=[1795474800.0 + n for n in range(MAX_ISSUANCES + 50)])
+    again = RenewalState.from_json(json.dumps(state.to_dict()))
+    assert len(again.issuances) == MAX_ISSUANCES and again.issuances[-1] == state.issuances[-1]
