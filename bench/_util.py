@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from common.record import TokenRecord  # noqa: E402
+from common.credentials.records import TokenRecord  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from kr.token_manager import KRTokenManager  # noqa: E402
 from us.token_manager import USTokenManager  # noqa: E402

@@ -29,11 +29,11 @@ from typing import Any
 import requests
 from _util import US_KEY, Context, log, main, manager, table
 
-from common import kis_client
+from common.credentials import kis_client
+from common.credentials.records import CorruptRecordError, TokenRecord
 from common.errors import LockTimeoutError
-from common.file_store import FileRecordStore
-from common.policy import Windows
-from common.record import CorruptRecordError, TokenRecord
+from common.renewal.policy import Windows
+from common.store.file_store import FileRecordStore
 
 PHASES = (
     "outside the lock",

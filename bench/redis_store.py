@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from common.policy import Windows  # noqa: E402
-from common.record import TokenRecord  # noqa: E402
+from common.credentials.records import TokenRecord  # noqa: E402
+from common.renewal.policy import Windows  # noqa: E402
 from common.sandbox import Sandbox  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402

@@ -66,12 +66,13 @@ def _per_call(call: object, rounds: int) -> float:
 
 def run(ctx: Context) -> list[str]:
     """The loop's longest stall during a cold renewal, and the per-request auth overhead."""
-    from common.auth import KISAuth, KISHttpxAuth, kis_headers
+    from common.auth import KISAuth, KISHttpxAuth
+    from common.auth.requests_auth import kis_headers
 
     sandbox = ctx.sandbox()
     sandbox.call("POST", "reset")
     sandbox.call("POST", "faults", {"mode": "slow", "delay": ctx.broker_delay, "count": 1})
-    import common.kis_client  # noqa: F401  # as in a bot that already talks HTTP: no import on the worker
+    import common.credentials.kis_client  # noqa: F401  # as in a bot that already talks HTTP: no import on the worker
 
     log(f"event loop: 1 task, then {TASKS} tasks, from cold")
     _, baseline, _ = asyncio.run(_longest_stall(None))

@@ -52,7 +52,7 @@ class Clock:
 
 
 class _Answer:
-    """Just enough of a streamed ``requests`` response for ``common.kis_client``."""
+    """Just enough of a streamed ``requests`` response for ``common.credentials.kis_client``."""
 
     def __init__(self, status: int, payload: dict[str, Any]) -> None:
         self.status_code = status

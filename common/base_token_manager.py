@@ -2,10 +2,11 @@
 
 A market subclass supplies three hooks: :meth:`BaseTokenManager.get_api_url`,
 :meth:`BaseTokenManager.get_app_credentials` and :meth:`BaseTokenManager.get_token_file_prefix`.
-The token belongs to the app key (``common.identity``): markets that share a key share its record,
-lock and one-a-minute memory, and each market keeps its own story files as mirrors. When to renew
-is :func:`common.policy.decide`; the locked transaction is :class:`common.engine.RenewalEngine`;
-the token as a credential kind is ``common.token_kind``; files are ``common.file_store``.
+The token belongs to the app key (``common.credentials.identity``): markets that share a key share
+its record, lock and one-a-minute memory, and each market keeps its own story files as mirrors.
+When to renew is :func:`common.renewal.policy.decide`; the locked transaction is
+:class:`common.renewal.engine.RenewalEngine`; the token as a credential kind is
+``common.credentials.token_kind``; files are ``common.store.file_store``.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from common import file_store, host_clock, outcomes, store_select
-from common.aio import AsyncMethods
-from common.approval_kind import ApprovalKind, ApprovalRecord
 from common.clock import BrokerClock
-from common.engine import RenewalEngine
+from common.credentials.approval_kind import ApprovalKind, ApprovalRecord
+from common.credentials.identity import Credential
+from common.credentials.records import TokenRecord
+from common.credentials.token_kind import TokenKind
 from common.errors import KISTokenError, TokenUnavailableError
-from common.identity import Credential
-from common.policy import ADVISORY_JITTER, NO_BACKOFF, Action, Windows, check_horizon, decide
-from common.record import TokenRecord
+from common.renewal import outcomes
+from common.renewal.aio import AsyncMethods
+from common.renewal.engine import RenewalEngine
+from common.renewal.policy import ADVISORY_JITTER, NO_BACKOFF, Action, Windows, check_horizon, decide
 from common.settings import Settings
-from common.store import KeyStore, RenewalState
-from common.token_kind import TokenKind
+from common.store import file_store, host_clock, selection
+from common.store.protocols import KeyStore, RenewalState
 
 ALERT_WEBHOOK_VAR = "KIS_ALERT_WEBHOOK_URL"
 
@@ -35,16 +37,16 @@ ALERT_WEBHOOK_VAR = "KIS_ALERT_WEBHOOK_URL"
 class BaseTokenManager(AsyncMethods, abc.ABC):
     """Keeps one market's token valid: cached in memory, shared per app key, renewed ahead of expiry.
 
-    The asyncio methods (``get_valid_token_async`` ...) come from :class:`common.aio.AsyncMethods`.
+    The asyncio methods (``get_valid_token_async`` ...) come from :class:`common.renewal.aio.AsyncMethods`.
 
     Args:
         settings: configuration source (default: the environment, then ``.env``).
-        store: the key's store (default: the one ``KIS_TOKEN_STORE`` selects, see ``common.store_select``).
+        store: the key's store (default: the one ``KIS_TOKEN_STORE`` selects, see ``common.store.selection``).
         clock: returns the local time as epoch seconds (tests inject one); the manager judges time
             in the broker's clock (:attr:`now`), this one corrected by the broker's ``Date`` headers.
         sleep: waits between retries of the token request (tests inject one).
         session: a ``requests.Session`` for the broker, if the caller has one.
-        windows: renewal windows and waits (default: :class:`common.policy.Windows`).
+        windows: renewal windows and waits (default: :class:`common.renewal.policy.Windows`).
         jitter: seconds added to the advisory window (default: 0 to 10 min derived from the key, so
             that every process of a key, and ``check``, agree on when renewal is due).
         timeouts: the token endpoint's deadlines and retries (default: ``kis_client.Timeouts()``).
@@ -168,7 +170,7 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
         jitter = self._jitter
         if jitter is None:
             jitter = int(credential.key_fingerprint[-6:], 16) % int(ADVISORY_JITTER)
-        store = extra.pop("store", None) or store_select.key_store(self.settings, credential.key_id,
+        store = extra.pop("store", None) or selection.key_store(self.settings, credential.key_id,
                                                                     kind_name)
         webhook = self.settings.get(ALERT_WEBHOOK_VAR) if kind_name == "token" else None  # alerts: tokens
         return RenewalEngine(
@@ -233,7 +235,7 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
 
     def get_token_info(self) -> dict[str, Any]:
         """Status of this market's token, as ``check --json`` prints it (see the README schema)."""
-        from common.report import token_info
+        from common.cli.report import token_info
 
         return token_info(self)
 
@@ -325,6 +327,6 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
     def create_broker(self, acc_no: str | None = None, **kwargs: Any) -> Any:
         """A mojito2 ``KoreaInvestment`` for this market that runs on the managed token (``acc_no``
         defaults to the market's account variable; other keyword arguments go to mojito)."""
-        from common.broker import create_broker
+        from common.auth.broker import create_broker
 
         return create_broker(self, acc_no, **kwargs)

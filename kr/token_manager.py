@@ -25,6 +25,6 @@ class KRTokenManager(BaseTokenManager):
 
 
 if __name__ == "__main__":
-    from common.cli import main
+    from common.cli.market import main
 
     raise SystemExit(main(KRTokenManager))

@@ -87,7 +87,7 @@ def broker_clock_probe(request, monkeypatch):
     ``GET`` of the base URL, is none of what they count) unless a test is marked ``broker_clock``.
     Child processes and the sandbox are unaffected."""
     if request.node.get_closest_marker("broker_clock") is None:
-        from common import kis_client
+        from common.credentials import kis_client
 
         monkeypatch.setattr(kis_client, "probe_date", lambda *args, **kwargs: False)
 

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from common.policy import Windows
+from common.renewal.policy import Windows
 from common.settings import Settings
 from us.token_manager import USTokenManager
 

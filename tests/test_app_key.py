@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import responses
 
-from common.record import TokenRecord
+from common.credentials.records import TokenRecord
 from common.settings import Settings
 from kr.token_manager import KRTokenManager
 from tests.conftest import (

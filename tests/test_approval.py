@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import responses
 
-from common.approval_kind import ApprovalRecord
+from common.credentials.approval_kind import ApprovalRecord
+from common.credentials.records import mask_token
 from common.errors import TokenUnavailableError
-from common.record import mask_token
 from kr.token_manager import KRTokenManager
 from tests.conftest import DAY, REAL_HOST, US_KEY, US_SECRET, run_together
 from us.token_manager import USTokenManager
@@ -83,7 +83,7 @@ def test_bad_answer_is_a_clear_error_and_the_stored_key_is_kept(us, clock, answe
 
 
 def test_check_shows_the_approval_key_masked_with_its_age(us, clock, capsys):
-    from common.cli import main
+    from common.cli.market import main
 
     with responses.RequestsMock() as mock:
         mock.post(APPROVAL_URL, json={"approval_key": KEY_1})
@@ -136,8 +136,8 @@ def test_one_key_in_both_markets_processes_share_one_approval_key(env, sandbox_p
 
 def test_kis_token_us_approval_prints_the_key_alone_and_check_masks_it(env, sandbox_process):
     environ = _environ(env, sandbox_process)
-    ((code, out, err),) = run_together([["common.console", "us", "approval"]], environ)
+    ((code, out, err),) = run_together([["kis_token.console", "us", "approval"]], environ)
     assert code == 0 and err == "" and out.count("\n") == 1
     key = out.strip()
-    ((code, out, err),) = run_together([["common.console", "us", "check"]], environ)
+    ((code, out, err),) = run_together([["kis_token.console", "us", "check"]], environ)
     assert mask_token(key) in out and key not in out and key not in err

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import responses
 
+from common.credentials.records import TokenRecord
 from common.errors import ConfigError, KISTokenError
-from common.record import TokenRecord
 from common.sandbox import Sandbox
 from kr.token_manager import KRTokenManager
 from tests.conftest import (

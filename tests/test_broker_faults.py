@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from common.credentials.kis_client import Timeouts
 from common.errors import TokenUnavailableError
-from common.kis_client import Timeouts
 from common.sandbox import Sandbox
 from tests.conftest import US_KEY, SleepRecorder
 from us.token_manager import USTokenManager

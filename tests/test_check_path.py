@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.record import TokenRecord
+from common.credentials.records import TokenRecord
 from common.settings import Settings
 from tests.conftest import DAY, US_KEY, US_SECRET, fake_token
 from us.token_manager import USTokenManager

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import responses
 
-from common import policy
-from common.cli import main
-from common.record import TokenRecord
+from common.cli.market import main
+from common.credentials.records import TokenRecord
+from common.renewal import policy
 from kr.token_manager import KRTokenManager
 from tests.conftest import DAY, TOKEN_URL, US_KEY, US_SECRET, FakeClock, fake_token, refusal, token_answer
 from us.token_manager import USTokenManager
@@ -249,7 +249,7 @@ def test_python_m_logs_go_to_stderr_and_verbose_shows_retries(cli_env):
 
 
 def test_demo_plays_the_whole_lifecycle_against_the_sandbox():
-    result = subprocess.run([sys.executable, "-m", "common.demo"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "kis_token.demo"], capture_output=True, text=True,
                             cwd=REPO, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "broker refused: EGW00133" in result.stdout

@@ -1,6 +1,6 @@
 """Issue 13: a newcomer's first hour and an operator's day, driven through the CLI in subprocesses.
 
-``kis-token`` (run here as ``python -m common.console``, the function the console script calls),
+``kis-token`` (run here as ``python -m kis_token.console``, the function the console script calls),
 ``-q``/``-v`` before or after the command, every configuration mistake answered in one line, a
 refused key or secret naming the variable, credentials in code, the README's own commands, and a
 plain (not editable) install into a fresh virtual environment. The broker is the sandbox on
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import responses
 
-from common.record import TokenRecord, mask_token
+from common.credentials.records import TokenRecord, mask_token
 from common.sandbox import Sandbox
 from common.settings import Settings
 from kr.token_manager import KRTokenManager
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 HOUR = 3600.0
 
 
-def run(*args: str, env: dict[str, str], cwd: Path, module: str = "common.console"):
+def run(*args: str, env: dict[str, str], cwd: Path, module: str = "kis_token.console"):
     """``python -m MODULE ARGS`` with exactly ``env`` (plus PATH and the checkout on PYTHONPATH)."""
     full_env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO), **env}
     return subprocess.run(
@@ -196,7 +196,7 @@ def test_status_with_one_market_unconfigured_is_unknown_and_names_the_variable(c
 
 
 def test_quiet_is_silent_on_success_for_every_command(broker_env, tmp_path):
-    def quiet(*args: str, module: str = "common.console"):
+    def quiet(*args: str, module: str = "kis_token.console"):
         result = run(*args, env=broker_env, cwd=tmp_path, module=module)
         assert result.returncode == 0, (args, result.stderr)
         assert result.stderr == "", (args, result.stderr)
@@ -280,7 +280,7 @@ def test_every_configuration_mistake_is_one_line_naming_it(cli_env, tmp_path, mi
     change, needle = _mistakes(tmp_path)[mistake]
     environ = {k: v for k, v in {**cli_env, **change}.items() if v is not None}
     for args, module in [(("check",), "us.token_manager"), (("get",), "us.token_manager"),
-                         (("us", "-q", "refresh"), "common.console"), (("status",), "common.console")]:
+                         (("us", "-q", "refresh"), "kis_token.console"), (("status",), "kis_token.console")]:
         result = run(*args, env=environ, cwd=tmp_path, module=module)
         assert result.returncode == 3, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and needle in result.stderr, (args, result.stderr)
@@ -393,7 +393,7 @@ def test_readme_starts_with_commands_that_make_their_own_virtual_environment():
     for command in (run_it, test_it):
         assert command.startswith("python3 -m venv .venv && .venv/bin/pip install")
         assert not re.search(r"(^|&& )(python|pip) ", command)  # no bare python/pip: Debian has neither
-    assert run_it.endswith(".venv/bin/python -m common.demo")
+    assert run_it.endswith(".venv/bin/python -m kis_token.demo")
     assert test_it.endswith(".venv/bin/python -m pytest") and '".[dev]"' in test_it
 
 
@@ -420,11 +420,11 @@ def test_pyproject_lists_every_package_and_the_console_script():
     packages = set(project["tool"]["setuptools"]["packages"])
     found = {
         ".".join(init.parent.relative_to(REPO).parts)
-        for top in ("common", "us", "kr")
+        for top in ("common", "us", "kr", "kis_token")
         for init in (REPO / top).rglob("__init__.py")
     }
     assert found <= packages and {"common", "common.sandbox", "us", "kr"} <= packages
-    assert project["project"]["scripts"]["kis-token"] == "common.console:main"
+    assert project["project"]["scripts"]["kis-token"] == "kis_token.console:main"
 
 
 # -- a plain install into a fresh virtual environment ---------------------------------------------
@@ -437,7 +437,7 @@ def test_plain_install_into_a_fresh_venv_runs_kis_token_from_anywhere(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
     for name in ("pyproject.toml", "README.md", "kis_token_guard.py"):
         shutil.copy2(REPO / name, source / name)
-    for package in ("common", "us", "kr"):
+    for package in ("common", "us", "kr", "kis_token"):
         shutil.copytree(REPO / package, source / package, ignore=ignore)
     venv = tmp_path / "venv"
     pip_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
@@ -509,7 +509,7 @@ def _chained(outer: Exception, inner: Exception) -> Exception:
      ("EGW02004", "check KIS_KR_APP_KEY and KIS_KR_APP_SECRET")],
 )
 def test_a_credential_refusal_names_the_markets_variables(kr, code, fix):
-    from common.cli import describe_error
+    from common.cli.market import describe_error
     from common.errors import CredentialsError, TokenUnavailableError
 
     refusal = CredentialsError(code, "유효하지 않은 AppSecret입니다.", 403)
@@ -521,8 +521,8 @@ def test_a_credential_refusal_names_the_markets_variables(kr, code, fix):
 
 
 def test_an_unwritable_token_directory_names_the_variable():
-    from common import file_store
-    from common.cli import describe_error
+    from common.cli.market import describe_error
+    from common.store import file_store
 
     with pytest.raises(Exception) as raised:
         file_store.prepare_directory(Path("/proc/kis"))

@@ -28,9 +28,9 @@ def environ(tmp_path_factory):
 
 
 def kis_token(args: list[str], environ: dict[str, str], stdout) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from common.console import main; raise SystemExit(main())",
-                           *args], env=environ, cwd=REPO, stdout=stdout, stderr=subprocess.PIPE, text=True,
-                          timeout=60)
+    code = "from kis_token.console import main; raise SystemExit(main())"
+    return subprocess.run([sys.executable, "-c", code, *args], env=environ, cwd=REPO, stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=" ".join)

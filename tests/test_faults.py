@@ -11,9 +11,10 @@ import time
 import pytest
 import responses
 
-from common import kis_client, policy
+from common.credentials import kis_client
+from common.credentials.records import TokenRecord
 from common.errors import TokenUnavailableError, TransientError
-from common.record import TokenRecord
+from common.renewal import policy
 from tests.conftest import (
     DAY,
     PAPER_HOST,
@@ -227,7 +228,7 @@ def test_webhook_path_never_reaches_the_logs_at_debug(make_manager, env, clock, 
         with responses.RequestsMock() as mock:
             mock.add_passthru(f"http://127.0.0.1:{server.server_port}")
             mock.post(TOKEN_URL, status=403, json=refusal("EGW00133"))
-            from common.cli import main
+            from common.cli.market import main
 
             assert main(lambda: manager, ["-vv", "refresh"], market="US") == 1
     finally:

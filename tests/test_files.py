@@ -12,8 +12,8 @@ import time
 import pytest
 import responses
 
+from common.credentials.records import TokenRecord
 from common.errors import StoreError
-from common.record import TokenRecord
 from common.settings import Settings
 from tests.conftest import DAY, TOKEN_URL, fake_token, token_answer
 from us.token_manager import USTokenManager

@@ -9,8 +9,8 @@ import pytest
 import requests
 import responses
 
-from common import kis_client
 from common.clock import parse_kst
+from common.credentials import kis_client
 from common.errors import BadResponseError, BrokerError, CredentialsError, RateLimitedError, TransientError
 from tests.conftest import REAL_HOST, TOKEN_URL, SleepRecorder, refusal
 
@@ -139,8 +139,8 @@ def test_a_success_whose_body_breaks_off_is_lost_not_retried_and_not_unsent():
     import socket
     import threading
 
+    from common.credentials.kis_client import Timeouts, issue_token
     from common.errors import AnswerLostError, NotSentError
-    from common.kis_client import Timeouts, issue_token
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

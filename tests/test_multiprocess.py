@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from common.record import TokenRecord
+from common.credentials.records import TokenRecord
 from common.settings import Settings
 from kr.token_manager import KRTokenManager
 from tests.conftest import KR_KEY, US_KEY, fake_token, finish, spawn

@@ -35,7 +35,7 @@ def test_a_corrupt_key_record_is_warned_once_naming_it_and_its_intact_mirror_is_
 
     import responses
 
-    from common.record import TokenRecord
+    from common.credentials.records import TokenRecord
     from tests.conftest import DAY, fake_token
 
     record = TokenRecord(fake_token(1), "Bearer", clock(), clock() + DAY, "us", us.environment,
@@ -52,7 +52,7 @@ def test_a_corrupt_key_record_is_warned_once_naming_it_and_its_intact_mirror_is_
 
 
 def test_an_error_that_is_not_about_the_token_directory_carries_no_hint_about_it(us, capsys):
-    from common.cli import main
+    from common.cli.market import main
 
     code = main(lambda: us, ["metrics", "--textfile", "/nonexistent/dir/x.prom"], market="US")
     err = capsys.readouterr().err
@@ -65,8 +65,8 @@ def test_a_directory_that_belongs_to_root_says_so_once_and_exits_3(tmp_path, mon
 
     import pytest
 
-    from common import file_store
-    from common.cli import describe_error
+    from common.cli.market import describe_error
+    from common.store import file_store
 
     if os.geteuid() != 0:
         pytest.skip("needs root to make a root-owned directory for another user")
@@ -80,7 +80,7 @@ def test_a_directory_that_belongs_to_root_says_so_once_and_exits_3(tmp_path, mon
 
 
 def test_a_missing_dependency_says_which_python_to_use(us, monkeypatch):
-    from common.cli import describe_error
+    from common.cli.market import describe_error
 
     def issue_without_requests(current):
         raise ModuleNotFoundError("No module named 'requests'", name="requests")
@@ -111,8 +111,8 @@ def test_a_bots_own_common_package_is_one_clear_line(tmp_path):
 
 
 def test_help_texts_say_what_the_commands_do():
-    from common.cli import _parser
-    from common.console import _parser as console_parser
+    from common.cli.market import _parser
+    from kis_token.console import _parser as console_parser
 
     assert "approval" in console_parser().description
     text = _parser("KR").format_help() + " ".join(
@@ -125,8 +125,8 @@ def test_help_texts_say_what_the_commands_do():
 
 
 def test_a_token_directory_this_user_cannot_use_keeps_the_held_token_in_service(us, clock, monkeypatch):
-    from common import file_store
-    from common.record import TokenRecord
+    from common.credentials.records import TokenRecord
+    from common.store import file_store
     from tests.conftest import DAY, fake_token
 
     us.save_token(TokenRecord(fake_token(1), "Bearer", clock() - DAY + 50 * 60, clock() + 50 * 60, "us",

@@ -24,14 +24,15 @@ import requests
 import responses
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import alerts, metrics
 from common.base_token_manager import ALERT_WEBHOOK_VAR
-from common.cli import main
+from common.cli import metrics
+from common.cli.market import main
+from common.credentials.records import TokenRecord, mask_token
 from common.errors import RateLimitedError, StoreError, TokenUnavailableError
-from common.policy import EXPIRY_MARGIN, MAX_HORIZON
-from common.record import TokenRecord, mask_token
+from common.renewal import alerts
+from common.renewal.policy import EXPIRY_MARGIN, MAX_HORIZON
 from common.sandbox import Sandbox
-from common.store import RenewalState
+from common.store.protocols import RenewalState
 from kr.token_manager import KRTokenManager
 from tests.conftest import (
     DAY,
@@ -694,7 +695,7 @@ def test_dead_webhook_does_not_break_serving(alerting, clock, broker, caplog):
     hold(us, clock, fake_token(1), 50 * MINUTE)
     broker.add(responses.POST, TOKEN_URL, json=refusal("EGW00133"), status=403)
     assert us.get_valid_token() == fake_token(1)
-    [record] = [r for r in caplog.records if r.name == "common.alerts"]
+    [record] = [r for r in caplog.records if r.name == "common.renewal.alerts"]
     assert record.levelname == "WARNING"
     assert f"http://127.0.0.1:{port}" in record.getMessage() and "ConnectionError" in record.getMessage()
     assert_clean(caplog.text)
@@ -709,7 +710,7 @@ def test_webhook_error_status_is_a_warning(receiver, caplog):
         code="EGW00133", message="slow down", seconds_left=600, now=1000.0,
     )
     assert len(receiver.texts()) == 1
-    [record] = [r for r in caplog.records if r.name == "common.alerts"]
+    [record] = [r for r in caplog.records if r.name == "common.renewal.alerts"]
     assert record.levelname == "WARNING" and "HTTP 500" in record.getMessage()
     assert_clean(caplog.text)
 
@@ -727,7 +728,7 @@ def test_webhook_that_never_answers_times_out_quickly(caplog):
         )
         elapsed = time.monotonic() - started
     assert elapsed < alerts.CONNECT_TIMEOUT + alerts.READ_TIMEOUT + 1
-    [record] = [r for r in caplog.records if r.name == "common.alerts"]
+    [record] = [r for r in caplog.records if r.name == "common.renewal.alerts"]
     assert "Timeout" in record.getMessage() and WEBHOOK_PATH not in record.getMessage()
 
 
@@ -757,7 +758,7 @@ def test_bad_webhook_url_is_a_warning(caplog):
         "not a url", RenewalState(), market="us", environment="real", outcome="failed",
         code=None, message=None, seconds_left=None, now=1000.0,
     )
-    [record] = [r for r in caplog.records if r.name == "common.alerts"]
+    [record] = [r for r in caplog.records if r.name == "common.renewal.alerts"]
     assert record.levelname == "WARNING" and "invalid URL" in record.getMessage()
 
 

@@ -63,8 +63,8 @@ def _as_nobody(environ: dict[str, str]) -> tuple[int, str]:
     import io
     import json
 
-    import common.kis_client  # noqa: F401  # everything the child needs, imported while we are root
-    from common.cli import main
+    import common.credentials.kis_client  # noqa: F401  # everything the child needs, imported while we are root
+    from common.cli.market import main
     from common.settings import Settings
 
     read, write = os.pipe()

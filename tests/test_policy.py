@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.policy import NO_BACKOFF, Action, Backoff, Windows, decide, serve_until, status
-from common.record import TokenRecord
+from common.credentials.records import TokenRecord
+from common.renewal.policy import NO_BACKOFF, Action, Backoff, Windows, decide, serve_until, status
 
 NOW = 1_800_000_000.0
 W = Windows(expiry_margin=300, mandatory=1200, advisory=3600, lock_wait=30, mandatory_lock_wait=5)

@@ -26,14 +26,14 @@ import redis
 import redis.lock
 import responses
 
-from common import redis_store
-from common.cli import main
+from common.cli.market import main
+from common.credentials.identity import Credential
+from common.credentials.kis_client import DEFAULT_TIMEOUTS
+from common.credentials.records import TokenRecord
 from common.errors import ConfigError, LockTimeoutError, StoreError
-from common.identity import Credential
-from common.kis_client import DEFAULT_TIMEOUTS
-from common.policy import LOCK_WAIT
-from common.record import TokenRecord
+from common.renewal.policy import LOCK_WAIT
 from common.settings import Settings
+from common.store import redis_store
 from kr.token_manager import KRTokenManager
 from tests.conftest import (
     DAY,
@@ -164,7 +164,7 @@ def test_store_stopped_mid_run_keeps_serving_and_renews_locally_with_a_warning(
         assert time.monotonic() - started < 5
         assert len(mock.calls) == 2
     assert stored_token(tmp_path, "b") == fake_token(2)  # renewed on host B's files...
-    messages = [r.getMessage() for r in caplog.records if r.name == "common.redis_store"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "common.store.redis_store"]
     masked = f"redis://:***@127.0.0.1:{server.port}/0"
     assert any("unreachable" in m and masked in m and "serves and renews" in m for m in messages)
     assert any("holding only this host's lock" in m for m in messages)  # ...under its file lock

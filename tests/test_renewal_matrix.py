@@ -6,9 +6,9 @@ import pytest
 import requests
 import responses
 
-from common import policy
+from common.credentials.records import TokenRecord
 from common.errors import TokenUnavailableError
-from common.record import TokenRecord
+from common.renewal import policy
 from tests.conftest import DAY, TOKEN_URL, fake_token, refusal, token_answer
 
 AGES = {

@@ -10,8 +10,8 @@ import pytest
 import requests
 import responses
 
-from common.cli import main
-from common.record import mask_token
+from common.cli.market import main
+from common.credentials.records import mask_token
 from tests.conftest import DAY, REAL_HOST, TOKEN_URL, US_KEY, US_SECRET, fake_token, refusal, token_answer
 
 REPO = Path(__file__).resolve().parent.parent

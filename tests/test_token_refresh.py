@@ -10,9 +10,9 @@ import time
 import pytest
 import responses
 
-from common import policy
+from common.credentials.records import TokenRecord
 from common.errors import RateLimitedError, TokenUnavailableError
-from common.record import TokenRecord
+from common.renewal import policy
 from tests.conftest import DAY, TOKEN_URL, fake_token, refusal, token_answer
 
 HOUR = 3600.0

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import responses
 
-from common.cli import main
+from common.cli.market import main
 from common.errors import ConfigError
-from common.file_store import FileRecordStore
 from common.settings import Settings, mask_url, token_store_url
+from common.store.file_store import FileRecordStore
 from tests.conftest import US_KEY, US_SECRET
 from us.token_manager import USTokenManager
 

@@ -25,10 +25,10 @@ import pytest
 import requests
 import responses
 
-from common.alerts import redacted_url
 from common.auth import KISAuth, rejected_token_code
-from common.httpx_auth import KISHttpxAuth
-from common.record import TokenRecord
+from common.auth.httpx_auth import KISHttpxAuth
+from common.credentials.records import TokenRecord
+from common.renewal.alerts import redacted_url
 from common.settings import mask_url
 from tests.conftest import DAY, REAL_HOST, US_KEY, US_SECRET, fake_token
 from us.token_manager import USTokenManager
@@ -261,7 +261,7 @@ def test_httpx_keeps_the_callers_trace(manager, servers):
 def test_httpx_hop_origin(url, expected):
     import httpcore
 
-    from common.httpx_auth import hop_origin
+    from common.auth.httpx_auth import hop_origin
 
     scheme, host, port, target = url
     assert hop_origin(httpcore.URL(scheme=scheme, host=host, port=port, target=target)) == expected

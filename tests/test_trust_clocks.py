@@ -107,8 +107,8 @@ def test_two_hosts_an_hour_apart_on_one_store_never_send_twice_a_minute(host, cl
 
 @pytest.mark.parametrize("garbage", [b"garbage{", b'{"last_request_at": NaN}'])
 def test_garbage_state_on_the_store_never_wins_over_the_hosts_good_one(host, server, clock, garbage):  # noqa: F811
-    from common import redis_store
-    from common.identity import Credential
+    from common.credentials.identity import Credential
+    from common.store import redis_store
 
     a = host("a")
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:

@@ -15,11 +15,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import responses
 
-from common import alerts, host_clock
-from common.cli import main
+from common.cli.market import main
+from common.credentials.records import TokenRecord
 from common.errors import DailyLimitError, KISTokenError, RequestHeldBackError, TokenUnavailableError
-from common.record import TokenRecord
+from common.renewal import alerts
 from common.settings import Settings
+from common.store import host_clock
 from tests.conftest import (
     DAY,
     REAL_HOST,
@@ -384,7 +385,7 @@ def test_a_refused_connection_spends_no_minute_and_names_its_reason(make_manager
 
 
 def test_held_back_after_a_refused_secret_says_so_and_keeps_exit_3(env, capsys, clock, monkeypatch):
-    from common.cli import main
+    from common.cli.market import main
 
     def manager():
         return USTokenManager(Settings(env, dotenv_path=False), clock=clock)
@@ -418,7 +419,7 @@ def test_a_directory_at_the_record_path_is_a_clear_error_before_any_request(us, 
 def test_reading_the_brokers_clock_is_bounded_by_wall_time_even_when_the_answer_drips():
     import socket
 
-    from common import kis_client
+    from common.credentials import kis_client
 
     answer = b"HTTP/1.1 404 Not Found\r\nDate: " + formatdate(usegmt=True).encode() + b"\r\n\r\n"
     stop = threading.Event()
@@ -447,7 +448,7 @@ def test_reading_the_brokers_clock_is_bounded_by_wall_time_even_when_the_answer_
 
 
 def test_the_stored_issuances_never_outgrow_what_a_reader_accepts():
-    from common.store import MAX_ISSUANCES, RenewalState
+    from common.store.protocols import MAX_ISSUANCES, RenewalState
 
     state = RenewalState(issuances=[1795474800.0 + n for n in range(MAX_ISSUANCES + 50)])
     again = RenewalState.from_json(json.dumps(state.to_dict()))

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from common import file_store
+from common.credentials.records import CorruptRecordError, TokenRecord
 from common.errors import KISTokenError, LockTimeoutError, StoreError
-from common.file_store import FileRenewalLock
-from common.record import CorruptRecordError, TokenRecord
 from common.sandbox import Sandbox
 from common.settings import Settings
+from common.store import file_store
+from common.store.file_store import FileRenewalLock
 from tests.conftest import DAY, REPO, US_KEY, fake_token
 from us.token_manager import USTokenManager
 

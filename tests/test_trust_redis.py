@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import redis
 
-from common import redis_store
+from common.credentials.records import TokenRecord
 from common.errors import LockTimeoutError, StoreError
-from common.record import TokenRecord
-from common.store import KeyStore
+from common.store import redis_store
+from common.store.protocols import KeyStore
 from tests.conftest import DAY, START, fake_token
 from tests.redis_server import RedisServer, free_port
 
@@ -173,7 +173,7 @@ def test_ready_of_a_shared_store_is_its_host_files(server, tmp_path):
 
 def test_a_store_that_refuses_our_password_or_database_makes_check_exit_3(server, make_manager, env,
                                                                           tmp_path, capsys):
-    from common.cli import main
+    from common.cli.market import main
     from us.token_manager import USTokenManager
 
     url = server.url.removesuffix("/0") + "/99"  # a database the server does not have

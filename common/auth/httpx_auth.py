@@ -1,6 +1,6 @@
 """``KISHttpxAuth``: the managed token for ``httpx.Client`` and ``httpx.AsyncClient``.
 
-See ``common.auth`` for the contract; this module imports httpx.
+See ``common.auth.requests_auth`` for the contract; this module imports httpx.
 
 Redirects: with ``follow_redirects=True`` httpx follows every hop inside one step of the auth flow
 and copies all headers but ``Authorization`` to another origin, so the flow cannot strip the KIS
@@ -20,7 +20,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from common.auth import (
+from common.auth.requests_auth import (
     KIS_HEADERS,
     Origin,
     kis_headers,

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from common.cli import (
+from common.cli.market import (
     CHECK_EXIT,
     CHECK_UNKNOWN,
     check_configuration,
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.verbose += args.verbose_after
     args.quiet = args.quiet or args.quiet_after
-    from common.cli import flushed
+    from common.cli.market import flushed
 
     try:
         return flushed(lambda: status(args.json, verbose=args.verbose, quiet=args.quiet))
@@ -82,8 +82,8 @@ def version() -> str:
 
 
 def run_market(market: str, argv: Sequence[str]) -> int:
-    """``kis-token us|kr ARGV``: the market's own CLI (:func:`common.cli.main`)."""
-    from common.cli import main as market_main
+    """``kis-token us|kr ARGV``: the market's own CLI (:func:`common.cli.market.main`)."""
+    from common.cli.market import main as market_main
 
     if market == "us":
         from us.token_manager import USTokenManager as factory

@@ -38,7 +38,7 @@ __all__ = [
     "describe_error", "main", "unknown_info",
 ]
 
-_log = logging.getLogger("common.cli")
+_log = logging.getLogger("common.cli.market")
 
 
 def main(
@@ -393,7 +393,7 @@ def _kept_note(manager, before) -> str:
 
 def _summary(record, now: float) -> str:
     from common.clock import to_kst_iso
-    from common.record import mask_token
+    from common.credentials.records import mask_token
 
     left = format_duration(record.seconds_left(now))
     return f"{mask_token(record.access_token)}, expires {to_kst_iso(record.expires_at)} (in {left})"
@@ -434,7 +434,7 @@ def _revoke(manager, args: argparse.Namespace) -> int:
 
 
 def _metrics(manager, args: argparse.Namespace) -> int:
-    from common import metrics
+    from common.cli import metrics
 
     text = metrics.render(manager)
     if args.textfile:

@@ -1,6 +1,6 @@
 """Alerts for failed token renewals, posted to a Slack-compatible webhook.
 
-:class:`~common.outcomes.AlertObserver` calls :func:`prepare_renewal_alert` when a
+:class:`~common.renewal.outcomes.AlertObserver` calls :func:`prepare_renewal_alert` when a
 renewal is refused by the broker (``outcome="refused"``, with the broker's code) or fails without
 a code (``outcome="failed"``: network, 5xx, garbled answer) and ``KIS_ALERT_WEBHOOK_URL`` is set.
 The request is one ``POST`` of ``{"text": "..."}``, which Slack incoming webhooks, Mattermost,
@@ -35,9 +35,9 @@ from collections.abc import Callable
 from typing import Any
 
 from common.clock import format_duration
-from common.policy import EXPIRY_MARGIN
+from common.renewal.policy import EXPIRY_MARGIN
 from common.settings import url_origin
-from common.store import RenewalState
+from common.store.protocols import RenewalState
 
 #: Seconds during which a second alert for the same market and cause is not sent.
 ALERT_INTERVAL = 30 * 60.0

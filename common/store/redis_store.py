@@ -18,7 +18,7 @@ a 16-hex-digit SHA-256 fingerprint of the key, as the files do). Another layout 
 their values would come under a new ``v<N>``.
 
 :func:`shared_key_store` is what a manager uses: the three pieces on the server, each falling back
-to the same piece on the host's files (``common.file_store``) whenever the server does not answer
+to the same piece on the host's files (``common.store.file_store``) whenever the server does not answer
 within :data:`SOCKET_TIMEOUT`. The files stay a full copy (the host's tools, ``check`` and mojito
 read them), so with the server down the host serves its token and renews it under its own file
 lock; and a server restarted empty gets the record back from the first host that holds it.
@@ -49,12 +49,12 @@ from redis.exceptions import LockNotOwnedError, RedisError, WatchError
 from redis.lock import Lock
 from redis.retry import Retry
 
-from common import file_store
+from common.credentials.records import CorruptRecordError, TokenRecord
 from common.errors import ConfigError, LockTimeoutError, StoreError
-from common.policy import LOCK_WAIT, Expiring
-from common.record import CorruptRecordError, TokenRecord
+from common.renewal.policy import LOCK_WAIT, Expiring
 from common.settings import TOKEN_STORE_VAR, mask_url
-from common.store import KeyStore, RenewalState
+from common.store import file_store
+from common.store.protocols import KeyStore, RenewalState
 
 PREFIX = "kis-token:v1:"
 #: Each call to the server gives up after this long (connect, and each answer).
@@ -620,7 +620,7 @@ def shared_key_store(url: str, directory: Path, key_id: str, kind: str = "token"
 
 def _codec(kind: str) -> tuple[Callable[[str], Any], Callable[[Any], str]]:
     if kind == "approval":
-        from common.approval_kind import ApprovalRecord
+        from common.credentials.approval_kind import ApprovalRecord
 
         return ApprovalRecord.from_json, ApprovalRecord.to_json
     return TokenRecord.from_json, TokenRecord.to_json

@@ -12,7 +12,7 @@ manager instead:
 * ``access_token`` is a property that asks the manager at every call, so a renewal (expiry, a
   forced refresh, another process) reaches the next call without rebuilding the broker;
 * every API method is wrapped: an answer that says the token was rejected (``EGW00123`` expired,
-  ``EGW00121`` invalid, read by :func:`common.auth.rejected_token_code`) makes one
+  ``EGW00121`` invalid, read by :func:`common.auth.requests_auth.rejected_token_code`) makes one
   :meth:`~BaseTokenManager.replace_rejected_token` and one retry of that call, never more.
 
 This module imports mojito (and pandas) only when a broker is built; the manager imports this
@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from common.auth import rejected_token_code
+from common.auth.requests_auth import rejected_token_code
 from common.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 
 from common.clock import describe_offset, to_kst_iso
+from common.credentials.records import CorruptRecordError
 from common.errors import KISTokenError
-from common.record import CorruptRecordError
 
 FILE_NAME = "host-clock.json"
 #: An offset beyond this (30 days) is garbage, not a clock.
@@ -25,7 +25,7 @@ _log = logging.getLogger(__name__)
 
 def load_offset(directory: Path) -> float:
     """The offset the host's processes last learned (0 if none, or if the file is unusable)."""
-    from common import file_store
+    from common.store import file_store
 
     try:
         text = file_store.read_text(directory / FILE_NAME)
@@ -39,7 +39,7 @@ def load_offset(directory: Path) -> float:
 
 def save_offset(directory: Path, offset: float, broker_now: float) -> None:
     """Keep ``offset`` for the host's next processes; say so once when the host's clock is wrong."""
-    from common import file_store
+    from common.store import file_store
 
     problem = describe_offset(offset)
     if problem is not None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import file_store
 from common.settings import Settings, token_store_url
-from common.store import KeyStore
+from common.store import file_store
+from common.store.protocols import KeyStore
 
 
 def key_store(settings: Settings, key_id: str, kind: str = "token") -> KeyStore[Any]:
@@ -20,7 +20,7 @@ def key_store(settings: Settings, key_id: str, kind: str = "token") -> KeyStore[
     url = token_store_url(settings)
     if url is None:
         return file_store.key_store(settings.token_dir, key_id, kind)
-    from common import redis_store
+    from common.store import redis_store
 
     return redis_store.shared_key_store(url, settings.token_dir, key_id, kind)
 
@@ -28,7 +28,7 @@ def key_store(settings: Settings, key_id: str, kind: str = "token") -> KeyStore[
 def describe(store: KeyStore[Any]) -> dict[str, Any]:
     """Which store ``store`` is and whether it answers, as ``check --json`` shows it under ``store``."""
     if hasattr(store.record, "link"):
-        from common import redis_store
+        from common.store import redis_store
 
         return redis_store.describe(store)
     return {"kind": "file", "url": None, "reachable": True, "misconfigured": False, "error": None,

@@ -1,4 +1,4 @@
-"""End-to-end demo on the bundled sandbox: ``python -m common.demo``.
+"""End-to-end demo on the bundled sandbox: ``python -m kis_token.demo``.
 
 No credentials and no network: it starts the local stand-in of the broker on 127.0.0.1, points both
 markets at it with one demo app key (the common setup: one key serves both markets) and a temporary
@@ -40,7 +40,7 @@ def _environment(base_url: str, token_dir: str) -> dict[str, str]:
 
 def _run(title: str, args: list[str], env: dict[str, str]) -> int:
     print(f"\n# {title}")
-    shown = ["kis-token", *args[1:]] if args[0] == "common.console" else ["python", "-m", *args]
+    shown = ["kis-token", *args[1:]] if args[0] == "kis_token.console" else ["python", "-m", *args]
     print("$ " + " ".join(shown))
     result = subprocess.run(
         [sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=120
@@ -69,7 +69,7 @@ def main() -> int:
             ("check shows both markets (token masked)", ["us.token_manager", "check"], env, 0),
             ("", ["kr.token_manager", "check"], env, 0),
             ("kis-token status: both markets in one table, the shared token marked",
-             ["common.console", "status"], env, 0),
+             ["kis_token.console", "status"], env, 0),
             ("The WebSocket approval key: issued once per app key, then served from its file",
              ["us.token_manager", "approval"], env, 0),
             ("A forced refresh within the minute is held back; the valid token is kept",

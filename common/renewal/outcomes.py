@@ -1,7 +1,7 @@
 """Observers of renewal outcomes: the shared bookkeeping (counters, last outcome) and the alert hook.
 
-The engine calls each observer with the :class:`~common.engine.Outcome` and the key's shared
-:class:`~common.store.RenewalState`, then saves the state; ``check`` and ``metrics`` read it back.
+The engine calls each observer with the :class:`~common.renewal.engine.Outcome` and the key's shared
+:class:`~common.store.protocols.RenewalState`, then saves the state; ``check`` and ``metrics`` read it back.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def bookkeeping(outcome: Any, state: Any) -> None:
 
 
 class AlertObserver:
-    """Posts refused and failed renewals to a Slack-compatible webhook (see ``common.alerts``)."""
+    """Posts refused and failed renewals to a Slack-compatible webhook (see ``common.renewal.alerts``)."""
 
     def __init__(self, url: str, market: str, environment: str) -> None:
         self.url = url
@@ -39,7 +39,7 @@ class AlertObserver:
         the post itself is returned, for the engine to run once the key's lock is released."""
         if outcome.kind not in ("refused", "failed"):
             return None
-        from common import alerts
+        from common.renewal import alerts
 
         return alerts.prepare_renewal_alert(
             self.url,

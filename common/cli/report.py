@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import policy, store_select
 from common.clock import describe_offset, to_kst_iso
-from common.record import mask_token
+from common.credentials.records import mask_token
+from common.renewal import policy
+from common.store import selection
 
 SCHEMA = 1
 
@@ -14,7 +15,7 @@ SCHEMA = 1
 def token_info(manager: Any) -> dict[str, Any]:
     """Status of ``manager``'s token as ``check --json`` prints it (the README documents the schema).
 
-    ``status`` comes from :func:`common.policy.status`, the same decision the live path makes.
+    ``status`` comes from :func:`common.renewal.policy.status`, the same decision the live path makes.
 
     Raises:
         ConfigError: the market is not configured (its key is needed to find the record).
@@ -59,7 +60,7 @@ def token_info(manager: Any) -> dict[str, Any]:
         "clock": describe_offset(manager.now.offset),
         "daily_limit": manager.settings.daily_limit,
         "issued_24h": len(state.recent_issuances(now)),
-        "store": store_select.describe(store),
+        "store": selection.describe(store),
         "problem": store.record.problem(),
         "files": {
             "record": str(mirror.record_path),

@@ -1,7 +1,7 @@
 """The renewal engine: one key's credential in this process, for any credential kind.
 
 It keeps the credential in memory (served lock-free while fresh; the store's cheap signature looked
-at once per ``sync_interval``), asks :func:`common.policy.decide` what to do, and runs the locked
+at once per ``sync_interval``), asks :func:`common.renewal.policy.decide` what to do, and runs the locked
 transaction: take the key's lock, re-read the store (another process may have renewed), keep to one
 request a minute, ask the broker through the kind's ``issue`` function, write, publish. Outcomes go
 to observers (bookkeeping, alerts); the engine knows nothing of markets, files or webhooks.
@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
+from common.credentials.records import CorruptRecordError
 from common.errors import (
     CREDENTIAL_CODES,
     AnswerLostError,
@@ -40,10 +41,9 @@ from common.errors import (
     StoreError,
     TokenUnavailableError,
 )
-from common.policy import NO_BACKOFF, Action, Backoff, Expiring, Windows, decide, serve_until
-from common.record import CorruptRecordError
+from common.renewal.policy import NO_BACKOFF, Action, Backoff, Expiring, Windows, decide, serve_until
 from common.settings import DAILY_LIMIT_VAR
-from common.store import KeyStore, RenewalState
+from common.store.protocols import KeyStore, RenewalState
 
 R = TypeVar("R", bound=Expiring)
 R_contra = TypeVar("R_contra", contravariant=True)

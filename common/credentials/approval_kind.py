@@ -13,8 +13,8 @@ import logging
 from typing import Any, NamedTuple
 
 from common.clock import parse_iso, to_kst_iso
-from common.identity import Credential
-from common.record import CorruptRecordError, mask_token
+from common.credentials.identity import Credential
+from common.credentials.records import CorruptRecordError, mask_token
 
 #: The approval key's lifetime as the broker's portal states it.
 APPROVAL_LIFETIME = 86400.0
@@ -104,14 +104,14 @@ class ApprovalKind:
 
     def calibrate(self) -> bool:
         """Read the broker's clock into the manager's (one ``GET``, no request for a key)."""
-        from common import kis_client
+        from common.credentials import kis_client
 
         return kis_client.probe_date(self.manager.get_api_url(), self.manager.now.observe,
                                      session=self.manager.session)
 
     def issue(self, current: ApprovalRecord | None) -> ApprovalRecord:
         """One ``/oauth2/Approval`` (with its retries) for this market's key."""
-        from common import kis_client
+        from common.credentials import kis_client
 
         manager = self.manager
         app_key, app_secret = manager.get_app_credentials()

@@ -5,9 +5,9 @@
 * a :class:`StateStore` holds the key's :class:`RenewalState`: the one-a-minute memory, the last
   outcome, counters and alert stamps.
 
-They are bundled per key in a :class:`KeyStore`. ``common.file_store`` implements them on files in
+They are bundled per key in a :class:`KeyStore`. ``common.store.file_store`` implements them on files in
 the token directory; a network store (Redis) implements the same protocols. Everything is per
-(environment, broker, app key) -- see ``common.identity`` -- never per market.
+(environment, broker, app key) -- see ``common.credentials.identity`` -- never per market.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from common.clock import EARLIEST, LATEST
-from common.record import CorruptRecordError
+from common.credentials.records import CorruptRecordError
 
 R = TypeVar("R")
 

@@ -1,21 +1,19 @@
-"""The managed token in trading code: ``requests`` and ``httpx`` authentication.
+"""The managed token on ``requests`` calls, and the helpers the httpx adapter shares.
 
-``KISAuth(manager)`` (a ``requests.auth.AuthBase``) and ``KISHttpxAuth(manager)`` (an ``httpx.Auth``
-for ``httpx.Client`` and ``httpx.AsyncClient``) add ``authorization: Bearer <token>``, ``appkey``
-and ``appsecret`` to every request. When an answer's body says the token was rejected
-(``EGW00123`` expired, ``EGW00121`` invalid; the broker sends them with HTTP 500 and sometimes
-200), the token is replaced -- once for a whole burst of such answers, from any number of threads or
-tasks, since every caller asks :meth:`~common.base_token_manager.BaseTokenManager.replace_rejected_token`
-with the token it sent -- and the request is sent once more. A second rejection is returned as it
-is: no loop. A renewal that fails (one a minute, broker down) returns the first answer, logged.
-Any body, however odd (not JSON, not UTF-8, deeply nested, huge), is read without an exception.
+``KISAuth(manager)`` (a ``requests.auth.AuthBase``) and ``KISHttpxAuth(manager)``
+(``common.auth.httpx_auth``, an ``httpx.Auth`` for ``httpx.Client`` and ``httpx.AsyncClient``) add
+``authorization: Bearer <token>``, ``appkey`` and ``appsecret`` to every request. When an answer's
+body says the token was rejected (``EGW00123`` expired, ``EGW00121`` invalid; the broker sends them
+with HTTP 500 and sometimes 200), the token is replaced -- once for a whole burst of such answers,
+from any number of threads or tasks, since every caller asks
+:meth:`~common.base_token_manager.BaseTokenManager.replace_rejected_token` with the token it sent --
+and the request is sent once more. A second rejection is returned as it is: no loop. A renewal that
+fails (one a minute, broker down) returns the first answer, logged. Any body, however odd (not JSON,
+not UTF-8, deeply nested, huge), is read without an exception.
 
 The three headers never follow a redirect to another origin (scheme, host or port; requests and
-httpx strip only ``Authorization`` themselves), and an answer from another origin is never taken
-for a rejection of the token.
-
-``import common.auth`` does not import httpx; ``KISHttpxAuth`` does, on first use (the
-``kis-token-manager[httpx]`` extra).
+httpx strip only ``Authorization`` themselves), and an answer from another origin is never taken for
+a rejection of the token.
 """
 
 from __future__ import annotations
@@ -220,11 +218,3 @@ def redirect_target(response: requests.Response) -> str:
     except (KeyError, ValueError):  # no Location, or one that is not UTF-8 or does not parse
         return ""
 
-
-def __getattr__(name: str) -> Any:
-    """``KISHttpxAuth`` is built on first use, so that importing this module never imports httpx."""
-    if name == "KISHttpxAuth":
-        from common.httpx_auth import KISHttpxAuth
-
-        return KISHttpxAuth
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

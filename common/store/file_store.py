@@ -20,7 +20,7 @@ owner is refused before a request is sent. A file that cannot be read for lack o
 error naming the file and its owner, never a missing token. Nothing is ever unpickled.
 
 Nothing here trusts what it finds at a name (SPEC §12): every file is opened without following a
-symbolic link and without blocking (``common.fs``), and used only if ``fstat`` says it is a regular
+symbolic link and without blocking (``common.store.fs``), and used only if ``fstat`` says it is a regular
 file of at most :data:`MAX_FILE_SIZE` bytes; anything else (a link, a FIFO, a directory, a 2 GB
 file) is a one-line warning and a miss, never a hang. Ownership is changed only on an open
 descriptor (``fchown``), never on a path, so a link swapped in by the directory's owner never hands
@@ -43,11 +43,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from common import fs
 from common.clock import to_kst_iso
+from common.credentials.records import CorruptRecordError, TokenRecord
 from common.errors import DirectoryError, LockTimeoutError, StoreError
-from common.record import CorruptRecordError, TokenRecord
-from common.store import KeyStore, RenewalState
+from common.store import fs
+from common.store.protocols import KeyStore, RenewalState
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -257,7 +257,7 @@ class FileStateStore:
 
 def key_store(directory: Path, key_id: str, kind: str = "token") -> KeyStore[Any]:
     """The file pieces of one key's store of ``kind`` (``token`` or ``approval``) in ``directory``."""
-    from common.approval_kind import ApprovalRecord
+    from common.credentials.approval_kind import ApprovalRecord
 
     parse, dump = {
         "token": (TokenRecord.from_json, TokenRecord.to_json),

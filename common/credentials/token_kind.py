@@ -1,7 +1,7 @@
 """The access token as a credential kind: how one is asked for and revoked, and how it is mirrored.
 
-The engine (``common.engine``) runs any kind; this one talks to ``/oauth2/tokenP`` and
-``/oauth2/revokeP`` through ``common.kis_client`` and keeps a market's story files
+The engine (``common.renewal.engine``) runs any kind; this one talks to ``/oauth2/tokenP`` and
+``/oauth2/revokeP`` through ``common.credentials.kis_client`` and keeps a market's story files
 (``<prefix>api_token.json``, ``<prefix>token_issued_at.dat``, ``<prefix>krs_token.dat``) in step
 with the key's record.
 """
@@ -13,10 +13,10 @@ import logging
 from typing import Any
 
 from common.clock import to_kst_iso
+from common.credentials.identity import Credential
+from common.credentials.records import CorruptRecordError, TokenRecord, mask_token
 from common.errors import KISTokenError, StoreError
-from common.file_store import MarketMirror, mirror_prefixes
-from common.identity import Credential
-from common.record import CorruptRecordError, TokenRecord, mask_token
+from common.store.file_store import MarketMirror, mirror_prefixes
 
 _log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class TokenKind:
 
         A token the broker re-sends (within 6 h of an issuance) keeps the record it had.
         """
-        from common import kis_client
+        from common.credentials import kis_client
 
         manager = self.manager
         app_key, app_secret = manager.get_app_credentials()
@@ -62,7 +62,7 @@ class TokenKind:
 
     def revoke(self, record: TokenRecord) -> None:
         """Revoke ``record``'s token with ``/oauth2/revokeP``."""
-        from common import kis_client
+        from common.credentials import kis_client
 
         manager = self.manager
         app_key, app_secret = manager.get_app_credentials()
@@ -74,7 +74,7 @@ class TokenKind:
 
     def calibrate(self) -> bool:
         """Read the broker's clock into the manager's (one ``GET``, no token request)."""
-        from common import kis_client
+        from common.credentials import kis_client
 
         return kis_client.probe_date(self.manager.get_api_url(), self.manager.now.observe,
                                      session=self.manager.session)
