@@ -6,7 +6,7 @@ The token belongs to the app key (``common.credentials.identity``): markets that
 its record, lock and one-a-minute memory, and each market keeps its own story files as mirrors.
 When to renew is :func:`common.renewal.policy.decide`; the locked transaction is
 :class:`common.renewal.engine.RenewalEngine`; the token as a credential kind is
-``common.credentials.token_kind``; files are ``common.store.file_store``.
+``common.credentials.token_kind``; files are ``common.store``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from common.errors import KISTokenError, TokenUnavailableError
 from common.renewal import outcomes
 from common.renewal.aio import AsyncMethods
 from common.renewal.engine import RenewalEngine
-from common.renewal.policy import ADVISORY_JITTER, NO_BACKOFF, Action, Windows, check_horizon, decide
+from common.renewal.policy import ADVISORY_JITTER, NO_BACKOFF, Action, Windows, check_horizon, decide, usable
 from common.settings import Settings
-from common.store import file_store, host_clock, selection
+from common.store import host_clock, selection
+from common.store.mirror import MarketMirror, StoryFiles
 from common.store.protocols import KeyStore, RenewalState
 
 ALERT_WEBHOOK_VAR = "KIS_ALERT_WEBHOOK_URL"
@@ -83,7 +84,7 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
         self.session = session
         self.timeouts = timeouts
         self._windows, self._jitter, self._key_store = windows or Windows(), jitter, store
-        self._built: tuple[RenewalEngine[TokenRecord], TokenKind] | None = None
+        self._built: tuple[RenewalEngine[TokenRecord], TokenKind, StoryFiles] | None = None
         self._token_engine: RenewalEngine[TokenRecord] | None = None  # the hot path's one lookup
         self._approval: RenewalEngine[ApprovalRecord] | None = None
 
@@ -133,20 +134,21 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
         return self._wired()[0].store
 
     @property
-    def mirror(self) -> file_store.MarketMirror:
+    def mirror(self) -> MarketMirror:
         """This market's story files (``<prefix>api_token.json`` ...), mirrors of the key's record."""
-        return self._wired()[1].files
+        return self._wired()[2].files
 
-    def _wired(self) -> tuple[RenewalEngine[TokenRecord], TokenKind]:
+    def _wired(self) -> tuple[RenewalEngine[TokenRecord], TokenKind, StoryFiles]:
         if self._built is None:
             kept = self._start_clock()
             credential = Credential.of(self.environment, self.get_api_url(), self.get_app_credentials()[0])
-            kind = TokenKind(self, credential)
+            kind = TokenKind(self, credential, self._windows.expiry_margin)
             if kept:  # another process's clock may not be this one's: read the broker's (one GET)
                 kind.calibrate()
-            engine = self._engine(credential, "token", kind, store=self._key_store, mirror=kind,
-                                  legacy=kind.legacy, copy=kind.copy)
-            self._built, self._token_engine = (engine, kind), engine
+            story = StoryFiles(self.settings.token_dir, self.get_token_file_prefix(), credential.key_id,
+                               kind.accept)
+            engine = self._engine(credential, "token", kind, store=self._key_store, copies=story)
+            self._built, self._token_engine = (engine, kind, story), engine
         return self._built
 
     def _start_clock(self) -> bool:
@@ -165,7 +167,8 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
             self._approval = self._engine(credential, "approval", ApprovalKind(self, credential))
         return self._approval
 
-    def _engine(self, credential: Credential, kind_name: str, kind: Any, **extra: Any) -> RenewalEngine[Any]:
+    def _engine(self, credential: Credential, kind_name: str, kind: TokenKind | ApprovalKind,
+                **extra: Any) -> RenewalEngine[Any]:
         """An engine for one credential kind (``token``, ``approval``) of this market's key."""
         jitter = self._jitter
         if jitter is None:
@@ -200,9 +203,9 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
         """
         engine = self._token_engine
         if engine is not None:
-            record, fresh_until, since = engine.snapshot
-            if since <= self._local() < fresh_until:
-                return record.access_token  # type: ignore[union-attr]
+            record = engine.fresh()
+            if record is not None:
+                return record.access_token
         return self._wired()[0].serve().access_token
 
     def get_valid_record(self) -> TokenRecord:
@@ -221,17 +224,16 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
     def delete_token(self) -> list[str]:
         """Remove the key's token, this market's story files, and any other market's that mirror the
         key's token (so that the deleted token never comes back from a copy); return the paths removed."""
-        engine, kind = self._wired()
+        engine, _, story = self._wired()
         try:
             removed = engine.forget()
         finally:
-            mirrored = self.mirror.delete() + kind.delete_other_copies()
+            mirrored = story.delete()
         return removed + mirrored
 
     def is_token_expired(self, record: TokenRecord | None = None) -> bool:
         """True if ``record`` (default: the stored one) is absent or has no more than the margin left."""
-        record = record or self.load_token()
-        return record is None or record.seconds_left(self.now()) <= self.windows.expiry_margin
+        return not usable(record or self.load_token(), self.now(), self.windows)
 
     def get_token_info(self) -> dict[str, Any]:
         """Status of this market's token, as ``check --json`` prints it (see the README schema)."""
@@ -274,9 +276,9 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
         """A token other than ``rejected``, which the broker refused (``EGW00123``/``EGW00121``):
         another process's newer one if there is one, else a renewal (one request at most)."""
         engine = self._wired()[0]
-        record = engine.snapshot[0]
-        if engine.backoff.active(self.now()):  # a failed attempt a moment ago: no lock, no disk
-            if record is not None and record.access_token != rejected and not self.is_token_expired(record):
+        record, now = engine.snapshot[0], self.now()
+        if engine.backoff.active(now):  # a failed attempt a moment ago: no lock, no disk
+            if record is not None and record.access_token != rejected and usable(record, now, engine.windows):
                 return record.access_token
             raise TokenUnavailableError(f"no {self.market} token to replace the rejected one: "
                                         f"{engine.backoff.error}")
@@ -316,7 +318,7 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
             TokenUnavailableError: there is no local token to revoke.
             KISTokenError: the broker refused or could not be reached; local files are kept.
         """
-        engine, kind = self._wired()
+        engine, kind, _ = self._wired()
         with engine.hold(engine.windows.lock_wait):
             record = engine.current()
             if record is None:

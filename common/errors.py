@@ -112,6 +112,11 @@ class StoreError(KISTokenError):
     """The token directory or one of its files cannot be written."""
 
 
+class CorruptRecordError(StoreError, ValueError):
+    """A stored record (or renewal state) could not be used; the message says why, never quoting
+    the token."""
+
+
 class DirectoryError(ConfigError, StoreError):
     """The token directory cannot be used by this user (cannot be created, or belongs to another
     user): a configuration error (exit 3), named with ``KIS_TOKEN_DIR``."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import responses
 
-from common.credentials.approval_kind import ApprovalRecord
+from common.credentials.records import ApprovalRecord
 from common.credentials.records import mask_token
 from common.errors import TokenUnavailableError
 from kr.token_manager import KRTokenManager

@@ -8,89 +8,24 @@ in ``key-<id>.approval.json`` (0600) beside the key's token record.
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any, NamedTuple
 
-from common.clock import parse_iso, to_kst_iso
+from common.credentials.access import KeyAccess
 from common.credentials.identity import Credential
-from common.credentials.records import CorruptRecordError, mask_token
-
-#: The approval key's lifetime as the broker's portal states it.
-APPROVAL_LIFETIME = 86400.0
-FORMAT_VERSION = 1
+from common.credentials.records import APPROVAL_LIFETIME, ApprovalRecord, mask_token
 
 _log = logging.getLogger(__name__)
-
-
-class ApprovalRecord(NamedTuple):
-    """An immutable snapshot of a WebSocket approval key.
-
-    Attributes:
-        approval_key: the key itself (a secret: never logged).
-        issued_at: when it was obtained, epoch seconds.
-        expires_at: ``issued_at`` + 24 h.
-        environment: ``real`` or ``paper``.
-        key_fingerprint: a hash of the app key it was issued to.
-    """
-
-    approval_key: str
-    issued_at: float
-    expires_at: float
-    environment: str
-    key_fingerprint: str
-
-    def seconds_left(self, now: float) -> float:
-        """Seconds until it is 24 h old (negative after)."""
-        return self.expires_at - now
-
-    def to_json(self) -> str:
-        """Serialise to the on-disk JSON form."""
-        return json.dumps({
-            "version": FORMAT_VERSION,
-            "kind": "approval",
-            "environment": self.environment,
-            "key_fingerprint": self.key_fingerprint,
-            "approval_key": self.approval_key,
-            "issued_at": to_kst_iso(self.issued_at),
-            "expires_at": to_kst_iso(self.expires_at),
-        }, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> ApprovalRecord:
-        """Parse and check the on-disk form; raise :class:`CorruptRecordError` if it is unusable."""
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError):
-            raise CorruptRecordError("not valid JSON") from None
-        if not isinstance(data, dict) or data.get("kind") != "approval":
-            raise CorruptRecordError("not an approval key record")
-        if data.get("version") != FORMAT_VERSION:
-            raise CorruptRecordError(f"unknown format version {data.get('version')!r}")
-        values: dict[str, Any] = {}
-        for name in ("approval_key", "environment", "key_fingerprint", "issued_at", "expires_at"):
-            value = data.get(name)
-            if not isinstance(value, str) or not value.strip():
-                raise CorruptRecordError(f"field {name!r} is missing or not a non-empty string")
-            values[name] = value
-        try:
-            issued, expires = parse_iso(values.pop("issued_at")), parse_iso(values.pop("expires_at"))
-        except ValueError:
-            raise CorruptRecordError("a time is not ISO 8601 with a zone offset") from None
-        if expires <= issued:
-            raise CorruptRecordError("expires_at is not after issued_at")
-        return cls(issued_at=issued, expires_at=expires, **values)
 
 
 class ApprovalKind:
     """A key's WebSocket approval key, asked for through one market's configuration.
 
     Args:
-        manager: the market's token manager (hooks, clock, sleep, session, timeouts).
+        manager: the market's hooks, clock, sleep, session and timeouts.
         credential: the key it belongs to.
     """
 
-    def __init__(self, manager: Any, credential: Credential) -> None:
+    def __init__(self, manager: KeyAccess, credential: Credential) -> None:
         self.manager = manager
         self.credential = credential
 

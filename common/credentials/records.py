@@ -1,4 +1,5 @@
-"""The token record: what is kept on disk per market, and how it is checked when read back."""
+"""The two credential records (the token, the WebSocket approval key): what is kept per key, and how
+it is checked when read back (one validator for both)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,11 @@ import json
 from typing import Any, NamedTuple
 
 from common.clock import EARLIEST, LATEST, parse_iso, to_kst_iso
+from common.errors import CorruptRecordError
 
 FORMAT_VERSION = 1
-
-
-class CorruptRecordError(ValueError):
-    """A stored record could not be used; the message says why (never quoting the token)."""
+#: The approval key's lifetime as the broker's portal states it.
+APPROVAL_LIFETIME = 86400.0
 
 
 class TokenRecord(NamedTuple):
@@ -75,27 +75,94 @@ class TokenRecord(NamedTuple):
         Raises:
             CorruptRecordError: empty, not JSON, wrong shape, wrong types or an unknown version.
         """
-        if not text.strip():
-            raise CorruptRecordError("the file is empty")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CorruptRecordError(f"not valid JSON ({exc.msg}, char {exc.pos})") from None
-        except (ValueError, RecursionError):
-            raise CorruptRecordError("not valid JSON") from None
-        if not isinstance(data, dict):
-            raise CorruptRecordError(f"expected a JSON object, found {type(data).__name__}")
-        if data.get("version") != FORMAT_VERSION:
-            raise CorruptRecordError(f"unknown format version {data.get('version')!r}")
+        data = _load_object(text)
         fields = {
             name: _require_str(data, name)
             for name in ("market", "environment", "key_fingerprint", "token_type", "access_token")
         }
-        issued_at = _require_time(data, "issued_at")
-        expires_at = _require_time(data, "expires_at")
-        if expires_at <= issued_at:
-            raise CorruptRecordError("expires_at is not after issued_at")
-        return cls(issued_at=issued_at, expires_at=expires_at, **fields)
+        return cls(**_lifetime(data), **fields)
+
+
+class ApprovalRecord(NamedTuple):
+    """An immutable snapshot of a WebSocket approval key.
+
+    Attributes:
+        approval_key: the key itself (a secret: never logged).
+        issued_at: when it was obtained, epoch seconds.
+        expires_at: ``issued_at`` + 24 h.
+        environment: ``real`` or ``paper``.
+        key_fingerprint: a hash of the app key it was issued to.
+    """
+
+    approval_key: str
+    issued_at: float
+    expires_at: float
+    environment: str
+    key_fingerprint: str
+
+    def seconds_left(self, now: float) -> float:
+        """Seconds until it is 24 h old (negative after)."""
+        return self.expires_at - now
+
+    def to_json(self) -> str:
+        """Serialise to the on-disk JSON form."""
+        return json.dumps({
+            "version": FORMAT_VERSION,
+            "kind": "approval",
+            "environment": self.environment,
+            "key_fingerprint": self.key_fingerprint,
+            "approval_key": self.approval_key,
+            "issued_at": to_kst_iso(self.issued_at),
+            "expires_at": to_kst_iso(self.expires_at),
+        }, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ApprovalRecord:
+        """Parse and check the on-disk form.
+
+        Raises:
+            CorruptRecordError: empty, not JSON, not an approval key record, wrong types, an
+                unknown version or implausible times.
+        """
+        data = _load_object(text)
+        if data.get("kind") != "approval":
+            raise CorruptRecordError("not an approval key record")
+        names = ("approval_key", "environment", "key_fingerprint")
+        fields = {name: _require_str(data, name) for name in names}
+        return cls(**_lifetime(data), **fields)
+
+
+#: The record type of each credential kind; each carries its codec (``to_json``/``from_json``).
+RECORD_TYPES: dict[str, type[TokenRecord] | type[ApprovalRecord]] = {
+    "token": TokenRecord,
+    "approval": ApprovalRecord,
+}
+
+
+def _load_object(text: str) -> dict[str, Any]:
+    """The JSON object of a record of this format version."""
+    if not text.strip():
+        raise CorruptRecordError("the file is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CorruptRecordError(f"not valid JSON ({exc.msg}, char {exc.pos})") from None
+    except (ValueError, RecursionError):
+        raise CorruptRecordError("not valid JSON") from None
+    if not isinstance(data, dict):
+        raise CorruptRecordError(f"expected a JSON object, found {type(data).__name__}")
+    if data.get("version") != FORMAT_VERSION:
+        raise CorruptRecordError(f"unknown format version {data.get('version')!r}")
+    return data
+
+
+def _lifetime(data: dict[str, Any]) -> dict[str, float]:
+    """``issued_at`` and ``expires_at``: plausible times, in order."""
+    issued_at = _require_time(data, "issued_at")
+    expires_at = _require_time(data, "expires_at")
+    if expires_at <= issued_at:
+        raise CorruptRecordError("expires_at is not after issued_at")
+    return {"issued_at": issued_at, "expires_at": expires_at}
 
 
 def _require_str(data: dict[str, Any], name: str) -> str:

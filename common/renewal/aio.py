@@ -65,19 +65,17 @@ class AsyncMethods:
     async def get_valid_token_async(self) -> str:
         """:meth:`get_valid_token`, off the loop: a thousand tasks from cold cost one request."""
         engine = self._token_engine  # type: ignore[attr-defined]
-        if engine is not None:
-            record, fresh_until, since = engine.snapshot
-            if since <= self._local() < fresh_until:  # type: ignore[attr-defined]
-                return record.access_token
+        record = None if engine is None else engine.fresh()
+        if record is not None:
+            return record.access_token
         return await self._single_flight().run("token", self.get_valid_token)  # type: ignore[attr-defined]
 
     async def get_approval_key_async(self) -> str:
         """:meth:`get_approval_key`, off the loop (a fresh one without leaving it)."""
         engine = self._approval  # type: ignore[attr-defined]
-        if engine is not None:
-            record, fresh_until, since = engine.snapshot
-            if since <= self._local() < fresh_until:  # type: ignore[attr-defined]
-                return record.approval_key
+        record = None if engine is None else engine.fresh()
+        if record is not None:
+            return record.approval_key
         return await self._single_flight().run("approval", self.get_approval_key)  # type: ignore[attr-defined]
 
     async def replace_rejected_token_async(self, rejected: str) -> str:

@@ -1,16 +1,43 @@
-"""Observers of renewal outcomes: the shared bookkeeping (counters, last outcome) and the alert hook.
+"""Renewal outcomes and their observers: the shared bookkeeping (counters, last outcome), the alert hook.
 
-The engine calls each observer with the :class:`~common.renewal.engine.Outcome` and the key's shared
-:class:`~common.store.protocols.RenewalState`, then saves the state; ``check`` and ``metrics`` read it back.
+The engine calls each observer with the :class:`Outcome` and the key's shared
+:class:`~common.store.protocols.RenewalState`, then saves the state; ``check`` and ``metrics`` read
+it back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import NamedTuple
+
+from common.store.protocols import RenewalState
 
 
-def bookkeeping(outcome: Any, state: Any) -> None:
+class Outcome(NamedTuple):
+    """What one credential request came to.
+
+    Attributes:
+        kind: ``renewed``, ``same_token`` (the broker re-sent the one held), ``refused`` (a broker
+            code), ``failed`` (network, 5xx, garbage) or ``held_back`` (not sent: one a minute).
+        at: epoch seconds.
+        code: the broker's code for a refusal, ``LOCAL`` when held back, else None.
+        message: the broker's or the transport's message, if any.
+        seconds_left: time left on the credential held when it happened (None: none held).
+    """
+
+    kind: str
+    at: float
+    code: str | None = None
+    message: str | None = None
+    seconds_left: float | None = None
+
+
+#: Observers see every outcome with the key's shared state, which they may update (it is saved after).
+#: Whatever is slow (a webhook) an observer returns as a callable, run once the key's lock is released.
+Observer = Callable[[Outcome, RenewalState], "Callable[[], object] | None"]
+
+
+def bookkeeping(outcome: Outcome, state: RenewalState) -> None:
     """Record ``outcome`` in ``state``: the last outcome, and counters by kind and broker code."""
     if outcome.kind == "held_back":
         state.refusals["LOCAL"] = state.refusals.get("LOCAL", 0) + 1
@@ -34,7 +61,7 @@ class AlertObserver:
         self.market = market
         self.environment = environment
 
-    def __call__(self, outcome: Any, state: Any) -> Callable[[], None] | None:
+    def __call__(self, outcome: Outcome, state: RenewalState) -> Callable[[], None] | None:
         """Alert on ``refused`` and ``failed``: the stamps that hold repeats back go into ``state``, and
         the post itself is returned, for the engine to run once the key's lock is released."""
         if outcome.kind not in ("refused", "failed"):
@@ -54,9 +81,9 @@ class AlertObserver:
         )
 
 
-def observers(webhook: str | None, market: str, environment: str) -> list[Any]:
+def observers(webhook: str | None, market: str, environment: str) -> list[Observer]:
     """The observers of one market's renewals: the bookkeeping, and alerts if a webhook is set."""
-    chosen: list[Any] = [bookkeeping]
+    chosen: list[Observer] = [bookkeeping]
     if webhook is not None:
         chosen.append(AlertObserver(webhook, market, environment))
     return chosen

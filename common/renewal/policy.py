@@ -32,6 +32,8 @@ SYNC_INTERVAL = 1.0
 #: A token lives 24 h and the broker re-sends the same one within 6 h of an issuance, so no
 #: horizon beyond 18 h (less the expiry margin) can ever be met by a renewal.
 MAX_HORIZON = 18 * 3600.0 - EXPIRY_MARGIN
+#: The longest in-memory pause after a refusal that names its own wait (the daily budget's).
+MAX_PAUSE = 300.0
 
 
 class Expiring(Protocol):
@@ -82,6 +84,26 @@ class Backoff(NamedTuple):
 NO_BACKOFF = Backoff(float("-inf"), float("-inf"))
 
 
+def usable(record: Expiring | None, now: float, windows: Windows) -> bool:
+    """True if ``record`` may be handed out at ``now``: it has more than the expiry margin left."""
+    return record is not None and record.seconds_left(now) > windows.expiry_margin
+
+
+def backoff_after(
+    error: Exception, now: float, windows: Windows, *, retry_in: float | None = None, lock_busy: bool = False
+) -> Backoff:
+    """The pause after a failed attempt (this process only, in memory): the wait the refusal named
+    (held back by the one-a-minute memory, at most :data:`MAX_PAUSE` for the daily budget), a few
+    seconds when another process held the lock, else one request interval."""
+    if retry_in is not None:
+        pause = min(retry_in, MAX_PAUSE)
+    elif lock_busy:
+        pause = windows.mandatory_lock_wait
+    else:
+        pause = windows.min_request_interval
+    return Backoff(now, now + pause, error)
+
+
 class Action(enum.Enum):
     """What :func:`decide` tells the caller to do."""
 
@@ -120,16 +142,16 @@ def decide(
         The :class:`Decision`. ``usable`` says whether ``record`` may be served if a renewal fails.
     """
     left = float("-inf") if record is None else record.seconds_left(now)
-    usable = left > windows.expiry_margin
+    servable = usable(record, now, windows)
     if left > max(windows.advisory, horizon + windows.expiry_margin):
-        return Decision(Action.SERVE, 0.0, usable)
+        return Decision(Action.SERVE, 0.0, servable)
     if backoff.active(now):
-        return Decision(Action.SERVE if usable else Action.FAIL, 0.0, usable)
-    if not usable or horizon:
-        return Decision(Action.RENEW_AND_WAIT, windows.lock_wait, usable)
+        return Decision(Action.SERVE if servable else Action.FAIL, 0.0, servable)
+    if not servable or horizon:
+        return Decision(Action.RENEW_AND_WAIT, windows.lock_wait, servable)
     if left > windows.mandatory:
-        return Decision(Action.RENEW_NO_WAIT, 0.0, usable)
-    return Decision(Action.RENEW_AND_WAIT, windows.mandatory_lock_wait, usable)
+        return Decision(Action.RENEW_NO_WAIT, 0.0, servable)
+    return Decision(Action.RENEW_AND_WAIT, windows.mandatory_lock_wait, servable)
 
 
 def check_horizon(valid_for: float) -> None:

@@ -1,4 +1,4 @@
-"""The file backend of the store (one host): a key's record, lock and state, and each market's mirrors.
+"""The file backend of the store (one host): a key's record, lock and state; the file primitives.
 
 In the token directory, per key (``<id>`` is :attr:`Credential.key_id`, e.g. ``real-5fda05f056d87ade``):
 
@@ -7,11 +7,7 @@ In the token directory, per key (``<id>`` is :attr:`Credential.key_id`, e.g. ``r
 ``key-<id>.state``   the key's renewal memory: last request, outcome, counters (JSON)
 ``key-<id>.approval.json|.lock|.state``   the same three for the key's WebSocket approval key
 
-and per market (the story's files, mirrors of the key's record for tools and mojito2):
-
-``<prefix>api_token.json``       the record, with ``market`` and ``mirror_of``
-``<prefix>token_issued_at.dat``  the issue time
-``<prefix>krs_token.dat``        the token for mojito2 broker objects (JSON, no secret)
+and per market the story's files (``common.store.mirror``), mirrors of the key's record.
 
 Writes are atomic (temp file in the same directory, fsync, ``os.replace``), files are 0600 and the
 directory 0700. When root writes into a directory that another user owns (an admin shell in the
@@ -19,7 +15,7 @@ bot's directory), every file is handed to the directory's owner; any other user 
 owner is refused before a request is sent. A file that cannot be read for lack of permission is an
 error naming the file and its owner, never a missing token. Nothing is ever unpickled.
 
-Nothing here trusts what it finds at a name (SPEC §12): every file is opened without following a
+Nothing here trusts what it finds at a name: every file is opened without following a
 symbolic link and without blocking (``common.store.fs``), and used only if ``fstat`` says it is a regular
 file of at most :data:`MAX_FILE_SIZE` bytes; anything else (a link, a FIFO, a directory, a 2 GB
 file) is a one-line warning and a miss, never a hang. Ownership is changed only on an open
@@ -43,9 +39,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from common.clock import to_kst_iso
-from common.credentials.records import CorruptRecordError, TokenRecord
-from common.errors import DirectoryError, LockTimeoutError, StoreError
+from common.credentials.records import RECORD_TYPES
+from common.errors import CorruptRecordError, DirectoryError, LockTimeoutError, StoreError
 from common.store import fs
 from common.store.protocols import KeyStore, RenewalState
 
@@ -68,8 +63,6 @@ _OUR_TEMP = re.compile(
         mirrors="|".join(re.escape(name) for name in MIRROR_NAMES),
     )
 )
-
-_MIRROR_RECORD = re.compile(r"([A-Za-z0-9]+_)" + re.escape(MIRROR_NAMES[0]))
 
 R = TypeVar("R")
 _log = logging.getLogger(__name__)
@@ -257,102 +250,13 @@ class FileStateStore:
 
 def key_store(directory: Path, key_id: str, kind: str = "token") -> KeyStore[Any]:
     """The file pieces of one key's store of ``kind`` (``token`` or ``approval``) in ``directory``."""
-    from common.credentials.approval_kind import ApprovalRecord
-
-    parse, dump = {
-        "token": (TokenRecord.from_json, TokenRecord.to_json),
-        "approval": (ApprovalRecord.from_json, ApprovalRecord.to_json),
-    }[kind]
+    record_type = RECORD_TYPES[kind]
     stem = directory / f"key-{key_id}{KIND_SUFFIXES[kind]}"
     return KeyStore(
-        FileRecordStore(stem.with_name(stem.name + ".json"), parse, dump),
+        FileRecordStore(stem.with_name(stem.name + ".json"), record_type.from_json, record_type.to_json),
         FileRenewalLock(stem.with_name(stem.name + ".lock")),
         FileStateStore(stem.with_name(stem.name + ".state")),
     )
-
-
-# -- a market's mirror files -------------------------------------------------------------------------
-
-
-class MarketMirror:
-    """One market's story files, mirroring the record of the key that market uses."""
-
-    def __init__(self, directory: Path, prefix: str) -> None:
-        self.directory = directory
-        record, issued_at, mojito = (directory / f"{prefix}{name}" for name in MIRROR_NAMES)
-        self.record_path, self.issued_at_path, self.mojito_path = record, issued_at, mojito
-
-    def holds(self, record: TokenRecord, key_id: str) -> bool:
-        """True if the mirror already shows ``record`` as the mirror of key ``key_id``."""
-        try:
-            text = read_text(self.record_path)
-            mirrored = None if text is None else TokenRecord.from_json(text)
-            marked = text is not None and json.loads(text).get("mirror_of") == key_id
-        except (CorruptRecordError, StoreError, ValueError, AttributeError):
-            return False
-        return marked and mirrored._replace(market=record.market) == record  # type: ignore[union-attr]
-
-    def write(self, record: TokenRecord, key_id: str) -> None:
-        """Write the three files for ``record`` (whose ``market`` is this market's)."""
-        write_file(self.record_path, record.to_json(mirror_of=key_id))
-        write_file(self.issued_at_path, to_kst_iso(record.issued_at) + "\n")
-        mojito = {
-            "market": record.market,
-            "access_token": f"{record.token_type} {record.access_token}",
-            "timestamp": int(record.expires_at),
-            "key_fingerprint": record.key_fingerprint,
-        }
-        write_file(self.mojito_path, json.dumps(mojito, indent=2))
-
-    def load_copy(self, key_id: str) -> TokenRecord | None:
-        """The mirrored record, if this market's file is a mirror of key ``key_id`` (else None).
-
-        Raises:
-            CorruptRecordError: the file cannot be used.
-            StoreError: it cannot be read.
-        """
-        text = read_text(self.record_path)
-        if text is None or _mirror_of(text) != key_id:
-            return None
-        return TokenRecord.from_json(text)
-
-    def load_legacy(self) -> TokenRecord | None:
-        """A record written by version 0.1 (before records belonged to keys), or None.
-
-        Mirrors carry ``mirror_of``; a record without it was the market's own and may be adopted
-        as its key's record, so an upgrade costs no issuance.
-        """
-        text = read_text(self.record_path)
-        if text is None:
-            return None
-        record = TokenRecord.from_json(text)
-        with contextlib.suppress(ValueError):
-            if "mirror_of" in json.loads(text):
-                return None
-        return record
-
-    def delete(self) -> list[str]:
-        """Remove the three files; return the paths removed."""
-        return remove_files(self.record_path, self.issued_at_path, self.mojito_path)
-
-
-def _mirror_of(text: str) -> object:
-    """The ``mirror_of`` a record's JSON names (None if none, or not JSON)."""
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    return data.get("mirror_of") if isinstance(data, dict) else None
-
-
-def mirror_prefixes(directory: Path) -> list[str]:
-    """The prefixes (``us_``, ``kr_``...) of the markets whose record file (``<prefix>api_token.json``)
-    has a name in ``directory``, sorted; nothing is opened."""
-    try:
-        with os.scandir(directory) as entries:
-            return sorted(match[1] for entry in entries if (match := _MIRROR_RECORD.fullmatch(entry.name)))
-    except OSError:
-        return []
 
 
 # -- file primitives ---------------------------------------------------------------------------------

@@ -13,8 +13,7 @@ import math
 from pathlib import Path
 
 from common.clock import describe_offset, to_kst_iso
-from common.credentials.records import CorruptRecordError
-from common.errors import KISTokenError
+from common.errors import CorruptRecordError, KISTokenError
 
 FILE_NAME = "host-clock.json"
 #: An offset beyond this (30 days) is garbage, not a clock.

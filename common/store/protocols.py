@@ -17,7 +17,7 @@ import json
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from common.clock import EARLIEST, LATEST
-from common.credentials.records import CorruptRecordError
+from common.errors import CorruptRecordError
 
 R = TypeVar("R")
 

@@ -49,8 +49,8 @@ from redis.exceptions import LockNotOwnedError, RedisError, WatchError
 from redis.lock import Lock
 from redis.retry import Retry
 
-from common.credentials.records import CorruptRecordError, TokenRecord
-from common.errors import ConfigError, LockTimeoutError, StoreError
+from common.credentials.records import RECORD_TYPES
+from common.errors import ConfigError, CorruptRecordError, LockTimeoutError, StoreError
 from common.renewal.policy import LOCK_WAIT, Expiring
 from common.settings import TOKEN_STORE_VAR, mask_url
 from common.store import file_store
@@ -609,21 +609,14 @@ def shared_key_store(url: str, directory: Path, key_id: str, kind: str = "token"
     files = file_store.key_store(directory, key_id, kind)
     names = key_names(key_id, kind)
     where = {piece: f"{server.url} {name}" for piece, name in names.items()}
-    record = RedisRecordStore(server.client, names["record"], *_codec(kind), where["record"])
+    codec = RECORD_TYPES[kind]
+    record = RedisRecordStore(server.client, names["record"], codec.from_json, codec.to_json, where["record"])
     return KeyStore(
         SharedRecordStore(server, record, files.record),
         SharedRenewalLock(server, RedisRenewalLock(server.client, names["lock"], lease, where["lock"]),
                           files.lock),
         SharedStateStore(server, RedisStateStore(server.client, names["state"], where["state"]), files.state),
     )
-
-
-def _codec(kind: str) -> tuple[Callable[[str], Any], Callable[[Any], str]]:
-    if kind == "approval":
-        from common.credentials.approval_kind import ApprovalRecord
-
-        return ApprovalRecord.from_json, ApprovalRecord.to_json
-    return TokenRecord.from_json, TokenRecord.to_json
 
 
 def describe(store: KeyStore[Any]) -> dict[str, Any]:
