@@ -21,6 +21,7 @@ from common.clock import BrokerClock
 from common.credentials.approval_kind import ApprovalKind, ApprovalRecord
 from common.credentials.identity import Credential
 from common.credentials.records import TokenRecord
+from common.credentials.timeouts import DEFAULT_TIMEOUTS, Timeouts
 from common.credentials.token_kind import TokenKind
 from common.errors import KISTokenError, TokenUnavailableError
 from common.renewal import outcomes
@@ -68,7 +69,7 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
         session: Any = None,
         windows: Windows | None = None,
         jitter: float | None = None,
-        timeouts: Any = None,
+        timeouts: Timeouts | None = None,
         app_key: str | None = None,
         app_secret: str | None = None,
         environment: str | None = None,
@@ -173,8 +174,9 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
         jitter = self._jitter
         if jitter is None:
             jitter = int(credential.key_fingerprint[-6:], 16) % int(ADVISORY_JITTER)
-        store = extra.pop("store", None) or selection.key_store(self.settings, credential.key_id,
-                                                                    kind_name)
+        lease = selection.lease(self._windows.lock_wait, (self.timeouts or DEFAULT_TIMEOUTS).longest_request)
+        store = extra.pop("store", None) or selection.key_store(self.settings, credential.key_id, kind_name,
+                                                                lease=lease)
         webhook = self.settings.get(ALERT_WEBHOOK_VAR) if kind_name == "token" else None  # alerts: tokens
         return RenewalEngine(
             name=f"{self.market} {kind_name.replace('approval', 'approval key')}",
@@ -237,7 +239,7 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
 
     def get_token_info(self) -> dict[str, Any]:
         """Status of this market's token, as ``check --json`` prints it (see the README schema)."""
-        from common.cli.report import token_info
+        from common.renewal.report import token_info
 
         return token_info(self)
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import responses
 
-from common.credentials.records import ApprovalRecord
-from common.credentials.records import mask_token
+from common.credentials.records import ApprovalRecord, mask_token
 from common.errors import TokenUnavailableError
 from kr.token_manager import KRTokenManager
 from tests.conftest import DAY, REAL_HOST, US_KEY, US_SECRET, run_together

@@ -33,7 +33,7 @@ from common.credentials.records import TokenRecord
 from common.errors import ConfigError, LockTimeoutError, StoreError
 from common.renewal.policy import LOCK_WAIT
 from common.settings import Settings
-from common.store import redis_store
+from common.store import redis_store, selection
 from kr.token_manager import KRTokenManager
 from tests.conftest import (
     DAY,
@@ -52,6 +52,7 @@ from tests.redis_server import RedisServer
 from us.token_manager import USTokenManager
 
 REPO = Path(__file__).resolve().parent.parent
+LEASE = selection.lease(LOCK_WAIT, DEFAULT_TIMEOUTS.longest_request)
 PASSWORD = "store-pw-" + "q7Zr" * 4
 
 
@@ -80,7 +81,7 @@ def host(make_manager, env, server, tmp_path) -> Callable[..., Any]:
         if retry_interval is not None:
             key = environ["KIS_US_APP_KEY" if cls is USTokenManager else "KIS_KR_APP_KEY"]
             key_id = Credential.of("real", REAL_HOST, key).key_id
-            kwargs["store"] = redis_store.shared_key_store(server.url, tmp_path / name, key_id,
+            kwargs["store"] = redis_store.shared_key_store(server.url, tmp_path / name, key_id, lease=LEASE,
                                                            retry_interval=retry_interval)
         return make_manager(cls, environ, **kwargs)
 
@@ -374,7 +375,7 @@ def test_unix_socket_url(server, make_manager, env, clock):
 
 
 def test_lock_is_a_lease_longer_than_the_retry_budget_owned_by_a_random_value(host, server):
-    assert LOCK_WAIT + DEFAULT_TIMEOUTS.budget + DEFAULT_TIMEOUTS.attempt < redis_store.LEASE
+    assert LOCK_WAIT + DEFAULT_TIMEOUTS.budget + DEFAULT_TIMEOUTS.attempt < LEASE
     a = host("a")
     name = redis_store.key_names(a.credential.key_id)["lock"]
     owners = []
@@ -384,7 +385,7 @@ def test_lock_is_a_lease_longer_than_the_retry_budget_owned_by_a_random_value(ho
                 pass
             client = server.client()
             owners.append(client.get(name))
-            assert 0 < client.pttl(name) <= redis_store.LEASE * 1000
+            assert 0 < client.pttl(name) <= LEASE * 1000
         assert client.get(name) is None  # released by its owner
     assert owners[0] != owners[1] and all(len(owner) == 32 for owner in owners)
 

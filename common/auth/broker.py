@@ -27,13 +27,11 @@ import logging
 import re
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from common.auth.requests_auth import rejected_token_code
+from common.auth.source import TokenSource
 from common.errors import ConfigError
-
-if TYPE_CHECKING:
-    from common.base_token_manager import BaseTokenManager
 
 #: An account number: 8 digits, a dash, the 2-digit product code.
 ACCOUNT_PATTERN = re.compile(r"\d{8}-\d{2}")
@@ -41,7 +39,7 @@ ACCOUNT_PATTERN = re.compile(r"\d{8}-\d{2}")
 _log = logging.getLogger(__name__)
 
 
-def create_broker(manager: BaseTokenManager, acc_no: str | None = None, **kwargs: Any) -> Any:
+def create_broker(manager: TokenSource, acc_no: str | None = None, **kwargs: Any) -> Any:
     """Build a ``mojito.KoreaInvestment`` for ``manager``'s market that runs on its token.
 
     Args:
@@ -113,7 +111,7 @@ class _ManagedToken:
     An API call answered with ``EGW00123``/``EGW00121`` renews once and is sent once more.
     """
 
-    def __init__(self, manager: BaseTokenManager, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, manager: TokenSource, *args: Any, **kwargs: Any) -> None:
         self._manager = manager
         self._calls = _CallState()
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]

@@ -30,6 +30,7 @@ from common.auth.requests_auth import (
     rejected_token_code,
     replacement,
 )
+from common.auth.source import TokenSource
 from common.errors import KISTokenError
 
 _KIS_HEADER_BYTES = frozenset(name.encode("ascii") for name in KIS_HEADERS)
@@ -46,7 +47,7 @@ class KISHttpxAuth(httpx.Auth):
         manager: a ``USTokenManager`` or ``KRTokenManager``.
     """
 
-    def __init__(self, manager: Any) -> None:
+    def __init__(self, manager: TokenSource) -> None:
         self.manager = manager
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:

@@ -28,6 +28,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 from requests.utils import requote_uri
 
+from common.auth.source import TokenSource
 from common.errors import REJECTED_TOKEN_CODES, KISTokenError
 
 _log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def same_origin(url: str, other: str) -> bool:
     return here is not None and here == origin(other)
 
 
-def kis_headers(manager: Any, token: str) -> dict[str, str]:
+def kis_headers(manager: TokenSource, token: str) -> dict[str, str]:
     """The headers every KIS REST call carries: the bearer token and the market's app key and secret.
 
     The key and secret are read once per manager (a manager's key does not change: a rotated key is
@@ -106,7 +107,7 @@ def kis_headers(manager: Any, token: str) -> dict[str, str]:
     """
     credentials = manager.__dict__.get("_kis_auth_credentials")
     if credentials is None:
-        credentials = manager._kis_auth_credentials = manager.get_app_credentials()
+        credentials = manager.__dict__["_kis_auth_credentials"] = manager.get_app_credentials()
     return dict(zip(KIS_HEADERS, (f"Bearer {token}", credentials[0], credentials[1]), strict=True))
 
 
@@ -115,24 +116,24 @@ def kis_headers(manager: Any, token: str) -> dict[str, str]:
 LOG_INTERVAL = 60.0
 
 
-def log_replaced(manager: Any, code: str) -> None:
+def log_replaced(manager: TokenSource, code: str) -> None:
     """Log that the broker rejected the token and it was replaced (the code only, never the token)."""
     _log.warning("%s token rejected by the broker (%s); replaced it, sending once more", manager.market, code)
 
 
-def log_replacement_failure(manager: Any, code: str, exc: KISTokenError) -> None:
+def log_replacement_failure(manager: TokenSource, code: str, exc: KISTokenError) -> None:
     """Log, once a minute at most, that no replacement token could be had, so the broker's answer is
     returned as it is."""
     now = time.monotonic()
     if now - manager.__dict__.get("_kis_auth_failure_logged", -LOG_INTERVAL) < LOG_INTERVAL:
         _log.debug("%s token rejected (%s), not replaced: %s", manager.market, code, exc)
         return
-    manager._kis_auth_failure_logged = now
+    manager.__dict__["_kis_auth_failure_logged"] = now
     _log.error("%s token rejected by the broker (%s) and could not be replaced (%s); returning the "
                "broker's answer (said once a minute)", manager.market, code, exc)
 
 
-def replacement(manager: Any, sent: str, code: str) -> str | None:
+def replacement(manager: TokenSource, sent: str, code: str) -> str | None:
     """A token to resend with after ``sent`` was rejected with ``code``; None if none can be had."""
     try:
         token = manager.replace_rejected_token(sent)
@@ -156,7 +157,7 @@ class KISAuth(requests.auth.AuthBase):
         manager: a ``USTokenManager`` or ``KRTokenManager``.
     """
 
-    def __init__(self, manager: Any) -> None:
+    def __init__(self, manager: TokenSource) -> None:
         self.manager = manager
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:

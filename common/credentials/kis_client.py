@@ -44,6 +44,7 @@ from tenacity import (
 )
 
 from common.clock import parse_kst
+from common.credentials.timeouts import DEFAULT_TIMEOUTS, Timeouts
 from common.errors import (
     CREDENTIAL_CODES,
     AnswerLostError,
@@ -77,30 +78,6 @@ KNOWN_REFUSALS = CREDENTIAL_CODES | {RATE_LIMIT_CODE}
 _log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Timeouts:
-    """How long the token endpoint may take (seconds), and how often it is tried.
-
-    Attributes:
-        connect: per-attempt TCP (and TLS) connect timeout.
-        attempt: wall-clock deadline of one attempt over connect, headers and body.
-        max_attempts: attempts in all.
-        budget: all attempts and the waits between them; later attempts get what is left.
-        backoff_initial: first wait between attempts (doubles each time).
-        backoff_max: longest wait between attempts.
-        backoff_jitter: up to this much is added at random to each wait.
-    """
-
-    connect: float = 3.05
-    attempt: float = 10.0
-    max_attempts: int = 4
-    budget: float = 20.0
-    backoff_initial: float = 0.5
-    backoff_max: float = 4.0
-    backoff_jitter: float = 0.5
-
-
-DEFAULT_TIMEOUTS = Timeouts()
 
 
 #: Called with each answer's ``Date`` header (or None), as soon as the answer's headers arrive.

@@ -49,9 +49,8 @@ from redis.exceptions import LockNotOwnedError, RedisError, WatchError
 from redis.lock import Lock
 from redis.retry import Retry
 
-from common.credentials.records import RECORD_TYPES
+from common.credentials.records import RECORD_TYPES, ApprovalRecord, TokenRecord
 from common.errors import ConfigError, CorruptRecordError, LockTimeoutError, StoreError
-from common.renewal.policy import LOCK_WAIT, Expiring
 from common.settings import TOKEN_STORE_VAR, mask_url
 from common.store import file_store
 from common.store.protocols import KeyStore, RenewalState
@@ -61,10 +60,6 @@ PREFIX = "kis-token:v1:"
 SOCKET_TIMEOUT = 0.5
 #: After a call failed, the server is not asked again for this long (the host runs on its files).
 RETRY_INTERVAL = 5.0
-#: The lock's lease outlives anything its holder may do under it: the longest wait for the lock
-#: (``Windows.lock_wait``), the token request's whole retry budget with its last attempt
-#: (``kis_client.Timeouts``: ``budget`` 20 s + ``attempt`` 10 s), and a margin for the writes.
-LEASE = LOCK_WAIT + 20.0 + 10.0 + 30.0
 #: Errors that say the server answers but refuses this configuration (password, user, database).
 MISCONFIGURED = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError", "AuthorizationError",
                  "NoPermissionError", "ResponseError")
@@ -74,7 +69,7 @@ TOMBSTONE_TTL = 2 * 86400  # tokens live 24 h: by then no host holds the deleted
 #: gives up (a :class:`StoreError`) instead of spinning its caller.
 WATCH_TRIES = 10
 
-R = TypeVar("R", bound=Expiring)
+R = TypeVar("R", TokenRecord, ApprovalRecord)
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
@@ -593,7 +588,7 @@ class SharedStateStore:
         self.local.save(state)
 
 
-def shared_key_store(url: str, directory: Path, key_id: str, kind: str = "token", *, lease: float = LEASE,
+def shared_key_store(url: str, directory: Path, key_id: str, kind: str = "token", *, lease: float,
                      retry_interval: float = RETRY_INTERVAL) -> KeyStore[Any]:
     """One key's store of ``kind`` on the server at ``url``, with the host's files in ``directory``.
 

@@ -1,5 +1,5 @@
 """Which store holds a key's token: the token directory (one host) or a Redis/Valkey server that
-several hosts share (``KIS_TOKEN_STORE``, SPEC §10). redis is imported only for the latter."""
+several hosts share (``KIS_TOKEN_STORE``). redis is imported only for the latter."""
 
 from __future__ import annotations
 
@@ -9,10 +9,20 @@ from common.settings import Settings, token_store_url
 from common.store import file_store
 from common.store.protocols import KeyStore
 
+#: A shared store's lock is a lease that outlives anything its holder may do under it: the longest
+#: wait for the lock, the request's whole retry budget with its last attempt, and this margin for
+#: the writes.
+LEASE_MARGIN = 30.0
 
-def key_store(settings: Settings, key_id: str, kind: str = "token") -> KeyStore[Any]:
+
+def lease(lock_wait: float, longest_request: float) -> float:
+    """The lease of a shared store's lock, for a lock wait and a request's longest run (seconds)."""
+    return lock_wait + longest_request + LEASE_MARGIN
+
+
+def key_store(settings: Settings, key_id: str, kind: str = "token", *, lease: float) -> KeyStore[Any]:
     """The store of key ``key_id``'s credential of ``kind`` (``token`` or ``approval``) that
-    ``KIS_TOKEN_STORE`` selects.
+    ``KIS_TOKEN_STORE`` selects (``lease``: see :func:`lease`).
 
     Raises:
         ConfigError: ``KIS_TOKEN_STORE`` is neither ``file`` nor a usable URL.
@@ -22,7 +32,7 @@ def key_store(settings: Settings, key_id: str, kind: str = "token") -> KeyStore[
         return file_store.key_store(settings.token_dir, key_id, kind)
     from common.store import redis_store
 
-    return redis_store.shared_key_store(url, settings.token_dir, key_id, kind)
+    return redis_store.shared_key_store(url, settings.token_dir, key_id, kind, lease=lease)
 
 
 def describe(store: KeyStore[Any]) -> dict[str, Any]:
