@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from common.credentials.records import TokenRecord
+from common.sandbox.process import finish
 from common.settings import Settings
 from kr.token_manager import KRTokenManager
-from tests.conftest import KR_KEY, US_KEY, fake_token, finish, spawn
+from tests.conftest import KR_KEY, US_KEY, fake_token, spawn
 from us.token_manager import USTokenManager
 
 REPO = Path(__file__).resolve().parent.parent

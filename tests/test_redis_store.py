@@ -1,7 +1,7 @@
 """Several hosts on one app key through a real Redis/Valkey server on 127.0.0.1 (issue 11, SPEC §10).
 
 A "host" is a token directory of its own (its files, its file lock) with ``KIS_TOKEN_STORE``
-pointing at the test's server. The server is a real one (``tests.redis_server``), started and
+pointing at the test's server. The server is a real one (``common.sandbox.redis_server``), started and
 stopped by each test; time is the injected clock, never slept through.
 """
 
@@ -32,6 +32,8 @@ from common.credentials.kis_client import DEFAULT_TIMEOUTS
 from common.credentials.records import TokenRecord
 from common.errors import ConfigError, LockTimeoutError, StoreError
 from common.renewal.policy import LOCK_WAIT
+from common.sandbox.process import finish
+from common.sandbox.redis_server import RedisServer
 from common.settings import Settings
 from common.store import redis_store
 from kr.token_manager import KRTokenManager
@@ -43,12 +45,10 @@ from tests.conftest import (
     US_KEY,
     US_SECRET,
     fake_token,
-    finish,
     refusal,
     spawn,
     token_answer,
 )
-from tests.redis_server import RedisServer
 from us.token_manager import USTokenManager
 
 REPO = Path(__file__).resolve().parent.parent
