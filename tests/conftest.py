@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from common.clock import KST
+from common.credentials.records import TokenRecord
 from common.sandbox.process import SandboxProcess, finish
 from common.settings import Settings
 from kr.token_manager import KRTokenManager
@@ -152,6 +154,30 @@ def spawn(args: list[str], environ: dict[str, str]) -> subprocess.Popen:
 def run_together(commands: list[list[str]], environ: dict[str, str]) -> list[tuple[int, str, str]]:
     """Start ``python -m COMMAND...`` for every command at once and :func:`finish` them."""
     return finish([spawn(command, environ) for command in commands])
+
+
+def assert_a_refresh_reaches_a_running_process(seeder, watch_env: dict[str, str], refresh_env: dict[str, str],
+                                               within: float = 10.0) -> None:
+    """Seed a fresh token through ``seeder``, start a process serving it on ``watch_env``
+    (``tests.mp_worker watch``), run ``python -m us.token_manager refresh`` on ``refresh_env``, and
+    assert the running process serves the new token within ``within`` seconds."""
+    now = time.time()
+    seeder.save_token(TokenRecord(fake_token(1), "Bearer", now, now + 20 * 3600, "us", "real",
+                                  seeder.key_fingerprint()))
+    watcher = spawn(["tests.mp_worker", "watch", str(within + 20)], watch_env)
+    try:
+        assert watcher.stdout.readline().strip() == fake_token(1)
+        refresh = subprocess.run([sys.executable, "-m", "us.token_manager", "refresh"], env=refresh_env,
+                                 cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert refresh.returncode == 0, refresh.stderr
+        new = seeder.load_token().access_token
+        assert new != fake_token(1)
+        deadline = time.monotonic() + within
+        while watcher.stdout.readline().strip() != new:
+            assert time.monotonic() < deadline, f"the running process did not serve it within {within} s"
+    finally:
+        watcher.kill()
+        watcher.communicate()
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 :class:`SandboxProcess` runs ``python -m common.sandbox`` on 127.0.0.1 and drives it over loopback
 HTTP (proxies ignored), so that a test or a benchmark may fork without a server thread in its own
-process. :func:`finish` waits for children with a bound. Not a production module: nothing the
-package serves imports it.
+process. :func:`finish` waits for children with a bound, :func:`terminate` stops one. Not a
+production module: nothing the package serves imports it.
 """
 
 from __future__ import annotations
@@ -67,12 +67,7 @@ class SandboxProcess:
 
     def stop(self) -> None:
         """Terminate the server (SIGTERM, then SIGKILL after 10 s)."""
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        terminate(self.process)
         if self.process.stdout is not None:
             self.process.stdout.close()
 
@@ -82,6 +77,16 @@ class SandboxProcess:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.stop()
+
+
+def terminate(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """Stop ``process``: SIGTERM, then SIGKILL if it is still there after ``grace`` seconds; reap it."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=grace)
 
 
 def finish(processes: Sequence[subprocess.Popen[str]], timeout: float = 60) -> list[tuple[int, str, str]]:

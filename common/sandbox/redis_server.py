@@ -18,6 +18,8 @@ from types import TracebackType
 
 import redis
 
+from common.sandbox.process import terminate
+
 
 def server_binary() -> str:
     """The server to run (RuntimeError when there is none: a test fails, it is never skipped)."""
@@ -104,12 +106,7 @@ class RedisServer:
         """Stop the server (nothing is saved: a later :meth:`start` comes back empty)."""
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        terminate(self.process)
         self.process = None
         self.socket_path.unlink(missing_ok=True)
 
