@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import select
 import signal
@@ -18,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from common.credentials.records import TokenRecord  # noqa: E402
+from common.sandbox.process import SandboxProcess  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from kr.token_manager import KRTokenManager  # noqa: E402
 from us.token_manager import USTokenManager  # noqa: E402
@@ -127,51 +126,6 @@ def kill_leftovers() -> None:
     _LIVE.clear()
 
 
-# -- the sandbox --------------------------------------------------------------------------------
-
-
-class SandboxProcess:
-    """``python -m common.sandbox`` on 127.0.0.1, driven over loopback HTTP (proxies ignored)."""
-
-    def __init__(self, env: dict[str, str], timeout: float = 20.0) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "common.sandbox", "--host", "127.0.0.1", "--port", "0"],
-            env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True,
-        )
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        line = self.process.stdout.readline().strip() if ready else ""
-        if not line.startswith("http://127.0.0.1:"):
-            self.stop()
-            raise RuntimeError(f"the sandbox did not start on 127.0.0.1 (first line: {line!r})")
-        self.base_url = line
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Send one control request under ``/sandbox/`` and return the JSON answer."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base_url + "/sandbox/" + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        with self._opener.open(request, timeout=10) as answer:
-            return json.loads(answer.read())
-
-    def counters(self) -> dict[str, Any]:
-        """``GET /sandbox/counters``: ``token_requests`` and ``tokens_issued`` per app key, and more."""
-        return self.call("GET", "counters")
-
-    def stop(self) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL after 10 s)."""
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-
 # -- the run's context ----------------------------------------------------------------------------
 
 
@@ -215,7 +169,7 @@ class Context:
     def sandbox(self) -> SandboxProcess:
         """The sandbox, started on first use."""
         if self._sandbox is None:
-            self._sandbox = SandboxProcess(self.base_env())
+            self._sandbox = SandboxProcess(env=self.base_env())
             log(f"sandbox at {self._sandbox.base_url}")
         return self._sandbox
 

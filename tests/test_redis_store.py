@@ -1,7 +1,7 @@
 """Several hosts on one app key through a real Redis/Valkey server on 127.0.0.1 (issue 11, SPEC §10).
 
 A "host" is a token directory of its own (its files, its file lock) with ``KIS_TOKEN_STORE``
-pointing at the test's server. The server is a real one (``tests.redis_server``), started and
+pointing at the test's server. The server is a real one (``common.sandbox.redis_server``), started and
 stopped by each test; time is the injected clock, never slept through.
 """
 
@@ -14,8 +14,6 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +30,8 @@ from common.credentials.kis_client import DEFAULT_TIMEOUTS
 from common.credentials.records import TokenRecord
 from common.errors import ConfigError, LockTimeoutError, StoreError
 from common.renewal.policy import LOCK_WAIT
+from common.sandbox.process import finish
+from common.sandbox.redis_server import RedisServer
 from common.settings import Settings
 from common.store import redis_store, selection
 from kr.token_manager import KRTokenManager
@@ -42,13 +42,12 @@ from tests.conftest import (
     TOKEN_URL,
     US_KEY,
     US_SECRET,
+    assert_a_refresh_reaches_a_running_process,
     fake_token,
-    finish,
     refusal,
     spawn,
     token_answer,
 )
-from tests.redis_server import RedisServer
 from us.token_manager import USTokenManager
 
 REPO = Path(__file__).resolve().parent.parent
@@ -433,23 +432,7 @@ def test_two_hosts_times_both_markets_from_cold_cost_one_request_per_key(
 def test_a_running_process_on_host_b_picks_up_a_refresh_on_host_a(proc_env, tmp_path):
     host_a, host_b = on_host(proc_env, tmp_path, "a"), on_host(proc_env, tmp_path, "b")
     seeder = USTokenManager(Settings(host_a, dotenv_path=False))
-    now = time.time()
-    seeder.save_token(TokenRecord(fake_token(1), "Bearer", now, now + 20 * 3600, "us", "real",
-                                  seeder.key_fingerprint()))
-    watcher = spawn(["tests.mp_worker", "watch", "30"], host_b)
-    try:
-        assert watcher.stdout.readline().strip() == fake_token(1)
-        refresh = subprocess.run([sys.executable, "-m", "us.token_manager", "refresh"], env=host_a,
-                                 cwd=REPO, capture_output=True, text=True, timeout=60)
-        assert refresh.returncode == 0, refresh.stderr
-        new = seeder.load_token().access_token
-        assert new != fake_token(1)
-        deadline = time.monotonic() + 10
-        while watcher.stdout.readline().strip() != new:
-            assert time.monotonic() < deadline, "host B's running process did not pick up the new token"
-    finally:
-        watcher.kill()
-        watcher.communicate()
+    assert_a_refresh_reaches_a_running_process(seeder, host_b, host_a)
 
 
 def test_lock_log_written_by_processes_on_two_hosts_never_interleaves(proc_env, tmp_path):

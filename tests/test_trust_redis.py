@@ -1,7 +1,7 @@
 """What the shared store trusts (SPEC §10): a lease that lapsed is never used to send, a
 check-and-set that keeps losing gives up, and the host's copy must be writable.
 
-Against a real server on 127.0.0.1 (``tests.redis_server``), with no sleeping: a lapse is made by
+Against a real server on 127.0.0.1 (``common.sandbox.redis_server``), with no sleeping: a lapse is made by
 deleting the lease on the server, or by shortening it there.
 """
 
@@ -17,10 +17,10 @@ import redis
 
 from common.credentials.records import TokenRecord
 from common.errors import LockTimeoutError, StoreError
+from common.sandbox.redis_server import RedisServer, free_port
 from common.store import redis_store
 from common.store.protocols import KeyStore
 from tests.conftest import DAY, START, fake_token
-from tests.redis_server import RedisServer, free_port
 
 KEY_ID = "real-0123456789abcdef"
 

