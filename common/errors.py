@@ -112,6 +112,10 @@ class StoreError(KISTokenError):
     """The token directory or one of its files cannot be written."""
 
 
+class StoreUnreachableError(StoreError):
+    """The shared token store did not answer (or rests after a failure): the host uses its files."""
+
+
 class CorruptRecordError(StoreError, ValueError):
     """A stored record (or renewal state) could not be used; the message says why, never quoting
     the token."""

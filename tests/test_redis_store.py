@@ -33,7 +33,7 @@ from common.renewal.policy import LOCK_WAIT
 from common.sandbox.process import finish
 from common.sandbox.redis_server import RedisServer
 from common.settings import Settings
-from common.store import redis_store, selection
+from common.store import redis_link, redis_store, selection
 from kr.token_manager import KRTokenManager
 from tests.conftest import (
     DAY,
@@ -61,9 +61,9 @@ def server(tmp_path) -> Iterator[RedisServer]:
     started = RedisServer(tmp_path / "redis", password=PASSWORD).start()
     yield started
     started.stop()
-    for link in redis_store._links.values():
+    for link in redis_link._links.values():
         link.client.close()
-    redis_store._links.clear()
+    redis_link._links.clear()
 
 
 @pytest.fixture
@@ -164,7 +164,7 @@ def test_store_stopped_mid_run_keeps_serving_and_renews_locally_with_a_warning(
         assert time.monotonic() - started < 5
         assert len(mock.calls) == 2
     assert stored_token(tmp_path, "b") == fake_token(2)  # renewed on host B's files...
-    messages = [r.getMessage() for r in caplog.records if r.name == "common.store.redis_store"]
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("common.store.redis_")]
     masked = f"redis://:***@127.0.0.1:{server.port}/0"
     assert any("unreachable" in m and masked in m and "serves and renews" in m for m in messages)
     assert any("holding only this host's lock" in m for m in messages)  # ...under its file lock
@@ -190,7 +190,7 @@ def test_store_that_never_answers_costs_one_short_wait(make_manager, env, tmp_pa
         assert time.monotonic() - started < 3  # one 0.5 s timeout, then the server rests
         info = manager.get_token_info()["store"]
         assert info["reachable"] is False and "Timeout" in info["error"]
-    redis_store._links.pop((url, redis_store.RETRY_INTERVAL)).client.close()
+    redis_link._links.pop((url, redis_store.RETRY_INTERVAL)).client.close()
 
 
 def test_store_restarted_empty_gets_the_record_back_without_a_request(host, server, clock, tmp_path):

@@ -24,7 +24,7 @@ from common.errors import LockTimeoutError, RequestHeldBackError
 from common.renewal.engine import RenewalEngine
 from common.renewal.policy import Windows
 from common.sandbox.redis_server import RedisServer
-from common.store import file_store, redis_store
+from common.store import file_store, redis_link, redis_store
 from common.store.protocols import KeyStore, RenewalState
 from tests.conftest import DAY, START, FakeClock, fake_token
 
@@ -65,9 +65,9 @@ class Backend:
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
-    for link in redis_store._links.values():
+    for link in redis_link._links.values():
         link.client.close()
-    redis_store._links.clear()
+    redis_link._links.clear()
 
 
 @pytest.fixture(params=["file", "redis"])

@@ -18,7 +18,7 @@ import redis
 from common.credentials.records import TokenRecord
 from common.errors import LockTimeoutError, StoreError
 from common.sandbox.redis_server import RedisServer, free_port
-from common.store import redis_store
+from common.store import redis_link, redis_pieces, redis_store
 from common.store.protocols import KeyStore
 from tests.conftest import DAY, START, fake_token
 
@@ -30,9 +30,9 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
     started = RedisServer(tmp_path / "redis").start()
     yield started
     started.stop()
-    for link in redis_store._links.values():
+    for link in redis_link._links.values():
         link.client.close()
-    redis_store._links.clear()
+    redis_link._links.clear()
 
 
 def store_on(url: str, directory: Path, lease: float = 0.3) -> KeyStore[Any]:
@@ -97,7 +97,7 @@ def test_confirm_with_the_store_down_since_the_hold_checks_only_the_file_lock(tm
             store.lock.confirm()
         assert "holding only this host's lock" in caplog.text
     finally:
-        redis_store._links.pop((url, redis_store.RETRY_INTERVAL)).client.close()
+        redis_link._links.pop((url, redis_store.RETRY_INTERVAL)).client.close()
 
 
 def test_confirm_when_the_store_stops_answering_after_the_lease_was_taken_is_an_error(server, tmp_path):
@@ -133,7 +133,7 @@ def test_delete_that_keeps_losing_the_race_gives_up_with_a_store_error(server):
     store, tries = racing_record_store(server)
     with pytest.raises(StoreError, match=r"kept changing under this host's write \(10 tries\)"):
         store.delete()
-    assert len(tries) == redis_store.WATCH_TRIES == 10
+    assert len(tries) == redis_pieces.WATCH_TRIES == 10
 
 
 def test_put_back_that_keeps_losing_the_race_gives_up_with_a_store_error(server):

@@ -205,8 +205,9 @@ class StateStore(Protocol):
 
 
 class KeyStore(NamedTuple, Generic[R]):
-    """The three pieces of one key's store."""
+    """The three pieces of one key's store, and which backend holds them (``file`` or ``redis``)."""
 
     record: RecordStore[R]
     lock: RenewalLock
     state: StateStore
+    backend: str = "file"

@@ -1,4 +1,4 @@
-"""The Redis/Valkey backend of the store (several hosts on one app key, SPEC §10).
+"""The Redis/Valkey backend of the store (several hosts on one app key).
 
 ``KIS_TOKEN_STORE=redis://[user:password@]host[:port][/db]`` (or ``rediss://`` for TLS, or
 ``unix:///path/to/socket``) names the server. Per key (``<id>`` is :attr:`Credential.key_id`, e.g.
@@ -34,379 +34,24 @@ tried at most :data:`WATCH_TRIES` times, then is a :class:`StoreError`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
-import redis
-from redis.backoff import NoBackoff
-from redis.exceptions import LockNotOwnedError, RedisError, WatchError
-from redis.lock import Lock
-from redis.retry import Retry
-
-from common.credentials.records import RECORD_TYPES, ApprovalRecord, TokenRecord
-from common.errors import ConfigError, CorruptRecordError, LockTimeoutError, StoreError
-from common.settings import TOKEN_STORE_VAR, mask_url
+from common.credentials.records import RECORD_TYPES
+from common.errors import CorruptRecordError, StoreError, StoreUnreachableError
 from common.store import file_store
 from common.store.protocols import KeyStore, RenewalState
+from common.store.redis_link import MISCONFIGURED, RETRY_INTERVAL, StoreLink, key_names, link
+from common.store.redis_pieces import R, RedisRecordStore, RedisRenewalLock, RedisStateStore
 
-PREFIX = "kis-token:v1:"
-#: Each call to the server gives up after this long (connect, and each answer).
-SOCKET_TIMEOUT = 0.5
-#: After a call failed, the server is not asked again for this long (the host runs on its files).
-RETRY_INTERVAL = 5.0
-#: Errors that say the server answers but refuses this configuration (password, user, database).
-MISCONFIGURED = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError", "AuthorizationError",
-                 "NoPermissionError", "ResponseError")
-TOMBSTONE = b"deleted"  # followed by ":<expiry of the deleted record>"
-TOMBSTONE_TTL = 2 * 86400  # tokens live 24 h: by then no host holds the deleted one any more
-#: A check-and-set of the record that loses the race to another writer this many times in a row
-#: gives up (a :class:`StoreError`) instead of spinning its caller.
-WATCH_TRIES = 10
+__all__ = ["RETRY_INTERVAL", "RedisRecordStore", "describe", "key_names", "link", "shared_key_store"]
 
-R = TypeVar("R", TokenRecord, ApprovalRecord)
-T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
-
-def key_names(key_id: str, kind: str = "token") -> dict[str, str]:
-    """The server's key names for one app key's credential of ``kind``: ``record``, ``lock``, ``state``."""
-    stem = f"{PREFIX}{key_id}:" + ("" if kind == "token" else f"{kind}:")
-    return {piece: stem + piece for piece in ("record", "lock", "state")}
-
-
-# -- the three pieces on the server --------------------------------------------------------------------
-
-
-class RedisRecordStore(Generic[R]):
-    """One key's record in one string key on the server."""
-
-    def __init__(self, client: redis.Redis, name: str, parse: Callable[[str], R],
-                 dump: Callable[[R], str], location: str) -> None:
-        self.name = name
-        self.location = location
-        self._client = client
-        self._parse = parse
-        self._dump = dump
-
-    def signature(self) -> object:
-        """The stored bytes themselves (one ``GET``; a record is a few hundred bytes)."""
-        return self._client.get(self.name)
-
-    def load(self) -> R | None:
-        """The stored record (None if there is none, or it was deleted)."""
-        return self._decode(self._client.get(self.name))
-
-    def save(self, record: R) -> None:
-        """Replace the stored record."""
-        self._client.set(self.name, self._dump(record))
-
-    def delete(self) -> list[str]:
-        """Mark the record deleted, so that no host puts its copy back; return it if it was there.
-
-        The mark carries the deleted record's expiry: a copy that expires no later is that token (or
-        an older one) and is dropped; one that expires later was renewed since, and stays.
-        """
-
-        def attempt(pipe: Any) -> list[str]:
-            raw = pipe.get(self.name)
-            if raw is None or raw.startswith(TOMBSTONE):
-                return []
-            expires = float("inf")
-            with contextlib.suppress(CorruptRecordError, UnicodeDecodeError, ValueError):
-                expires = self._parse(raw.decode()).expires_at
-            pipe.multi()
-            pipe.set(self.name, TOMBSTONE + f":{expires}".encode(), ex=TOMBSTONE_TTL)
-            return [self.location]
-
-        return self._check_and_set(attempt)
-
-    def put_back(self, record: R) -> R | None:
-        """Store ``record`` unless the server holds one that expires no earlier, or a deletion.
-
-        Returns:
-            The record the server holds afterwards (None: the record was deleted).
-        """
-
-        def attempt(pipe: Any) -> R | None:
-            raw = pipe.get(self.name)
-            if raw is not None and raw.startswith(TOMBSTONE) and record.expires_at <= _deleted_expiry(raw):
-                return None
-            with contextlib.suppress(CorruptRecordError, UnicodeDecodeError):
-                current = self._decode(raw)
-                if current is not None and current.expires_at >= record.expires_at:
-                    return current
-            pipe.multi()
-            pipe.set(self.name, self._dump(record))
-            return record
-
-        return self._check_and_set(attempt)
-
-    def ready(self) -> None:
-        """Nothing to check: the server takes any record (an unreachable one is the caller's fallback)."""
-
-    def problem(self) -> str | None:
-        """None: see :meth:`ready`."""
-        return None
-
-    def _check_and_set(self, attempt: Callable[[Any], T]) -> T:
-        """``attempt(pipe)`` under ``WATCH`` of the record, then ``EXEC``; again if another writer
-        changed the record in between, at most :data:`WATCH_TRIES` times (redis-py's
-        ``transaction()`` would retry without bound).
-
-        Raises:
-            StoreError: every try lost the race.
-            RedisError: the server did not answer.
-        """
-        for _ in range(WATCH_TRIES):
-            with self._client.pipeline() as pipe:
-                try:
-                    pipe.watch(self.name)
-                    result = attempt(pipe)
-                    pipe.execute()
-                    return result
-                except WatchError:
-                    continue
-        raise StoreError(
-            f"{self.location} kept changing under this host's write ({WATCH_TRIES} tries); try again"
-        )
-
-    def _decode(self, raw: bytes | None) -> R | None:
-        if raw is None or raw.startswith(TOMBSTONE):
-            return None
-        try:
-            text = raw.decode()
-        except UnicodeDecodeError:
-            raise CorruptRecordError(f"{self.name} is not UTF-8") from None
-        return self._parse(text)
-
-
-def _deleted_expiry(raw: bytes) -> float:
-    """The expiry a deletion mark names (a bare ``deleted`` from before: every token)."""
-    try:
-        return float(raw[len(TOMBSTONE) + 1:] or "inf")
-    except ValueError:
-        return float("inf")
-
-
-class RedisRenewalLock:
-    """A lease on the server (redis-py's ``Lock``: ``SET NX PX`` with a random owner value, released
-    or extended only by its owner). A holder that dies holds it until the lease runs out.
-
-    Re-entrant within a thread; each acquisition has a ``Lock`` object of its own, so threads (and
-    asyncio tasks run in threads) never release each other's lease.
-    """
-
-    def __init__(self, client: redis.Redis, name: str, lease: float, location: str) -> None:
-        self.name = name
-        self.lease = lease
-        self.location = location
-        self._client = client
-        self._held = threading.local()
-        self._orphans: list[tuple[Lock, bytes]] = []
-
-    def _release_orphans(self) -> None:
-        """Release leases whose acquisition lost its answer (only if still ours: owner-checked)."""
-        while self._orphans:
-            lock, token = self._orphans[0]
-            try:
-                lock.do_release(token)
-            except LockNotOwnedError:
-                pass
-            except RedisError:
-                return
-            self._orphans.pop(0)
-
-    @contextlib.contextmanager
-    def hold(self, timeout: float) -> Iterator[None]:
-        """Hold the lease, waiting at most ``timeout`` seconds (0: one try).
-
-        Raises:
-            LockTimeoutError: another owner held it all that time.
-            RedisError: the server did not answer.
-        """
-        if getattr(self._held, "depth", 0):
-            self._held.depth += 1
-            try:
-                yield
-            finally:
-                self._held.depth -= 1
-            return
-        self._release_orphans()
-        lock = Lock(self._client, self.name, timeout=self.lease, blocking=False, thread_local=False)
-        token = secrets.token_hex(16).encode()
-        deadline = time.monotonic() + max(timeout, 0.0)
-        seen_held = False
-        while True:
-            try:
-                if lock.acquire(token=token):
-                    break
-            except RedisError:
-                # The SET may have reached the server and only its answer got lost: release that
-                # lease as soon as the server answers again, so that it does not block everyone.
-                self._orphans.append((lock, token))
-                if seen_held:  # another owner holds it and may be renewing: busy, not unreachable
-                    raise LockTimeoutError(
-                        f"another host or process holds {self.name}, and the store stopped answering"
-                    ) from None
-                raise
-            seen_held = True
-            if time.monotonic() >= deadline:
-                raise LockTimeoutError(f"another host or process held {self.name} for over {timeout:g} s")
-            time.sleep(0.02)
-        self._held.depth, self._held.lock = 1, lock
-        try:
-            yield
-        finally:
-            self._held.depth, self._held.lock = 0, None
-            try:
-                lock.release()
-            except LockNotOwnedError:
-                _log.warning("the lease on %s ran out before its holder was done", self.name)
-            except RedisError as exc:
-                _log.warning("cannot release %s (%s); its lease runs out in %g s",
-                             self.name, type(exc).__name__, self.lease)
-
-    def confirm(self) -> None:
-        """Raise unless the lease this thread holds is still ours; if it is, give it its whole
-        ``lease`` again (one script: compare the owner value, then ``PEXPIRE``).
-
-        Raises:
-            LockTimeoutError: not held by this thread, or the lease lapsed (another owner may hold it).
-            RedisError: the server did not answer.
-        """
-        lock = getattr(self._held, "lock", None)
-        if lock is None:
-            raise LockTimeoutError(f"{self.name} is not held by this thread")
-        try:
-            lock.reacquire()
-        except LockNotOwnedError:
-            raise LockTimeoutError(
-                f"the lease on {self.name} ran out before the request was sent; another host or "
-                "process may be renewing"
-            ) from None
-
-
-class RedisStateStore:
-    """The key's :class:`RenewalState` in one string key on the server."""
-
-    def __init__(self, client: redis.Redis, name: str, location: str) -> None:
-        self.name = name
-        self.location = location
-        self._client = client
-
-    def stored(self) -> RenewalState | None:
-        """The stored state, or None if the server has none."""
-        raw = self._client.get(self.name)
-        if raw is None:
-            return None
-        try:
-            return RenewalState.from_json(raw.decode())
-        except UnicodeDecodeError:
-            raise CorruptRecordError(f"{self.name} is not UTF-8") from None
-
-    def load(self) -> RenewalState:
-        """The stored state; a missing one is fresh."""
-        return self.stored() or RenewalState()
-
-    def save(self, state: RenewalState) -> None:
-        """Replace the stored state."""
-        self._client.set(self.name, json.dumps(state.to_dict()))
-
-
-# -- the server, and whether it answers -----------------------------------------------------------------
-
-
-class Unreachable(Exception):
-    """The server did not answer (or is resting after a failure): use the host's files."""
-
-
-class StoreLink:
-    """One client of one server, shared by every key and piece in the process, and its health.
-
-    A failed call marks the server down for ``retry_interval`` seconds, during which nothing is sent
-    to it (so a server that swallows packets costs one timeout, not one per call); the first failure
-    of an outage is logged once as a warning naming the server (never its password).
-    """
-
-    def __init__(self, url: str, retry_interval: float = RETRY_INTERVAL) -> None:
-        self.url = mask_url(url)
-        self.retry_interval = retry_interval
-        try:
-            self.client = redis.Redis.from_url(
-                url,
-                socket_timeout=SOCKET_TIMEOUT,
-                socket_connect_timeout=SOCKET_TIMEOUT,
-                # One immediate retry on a dropped connection (a restarted server), none on a timeout.
-                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-            )
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{TOKEN_STORE_VAR} cannot be used ({exc}): {self.url}") from None
-        self._secret = self.client.get_connection_kwargs().get("password") or None
-        self._retry_at = float("-inf")
-        self.error: str | None = None  # why the last call failed, while down
-
-    @property
-    def down(self) -> bool:
-        """True while the server is resting after a failed call."""
-        return time.monotonic() < self._retry_at
-
-    def call(self, function: Callable[..., Any], *args: Any) -> Any:
-        """``function(*args)`` against the server.
-
-        Raises:
-            Unreachable: the server is resting after a failure, or this call failed.
-        """
-        if self.down:
-            raise Unreachable(self.error)
-        try:
-            result = function(*args)
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-            raise Unreachable(self.error) from None
-        if self.error is not None:
-            _log.warning("token store %s answers again", self.url)
-            self.error = None
-        return result
-
-    def ping(self) -> bool:
-        """True if the server answers now (a failure starts an outage, as any call's does)."""
-        try:
-            return bool(self.call(self.client.ping))
-        except Unreachable:
-            return False
-
-    def _failed(self, exc: Exception) -> None:
-        reason = f"{type(exc).__name__}: {exc}"
-        if self._secret:
-            reason = reason.replace(str(self._secret), "***")
-        first = self.error is None
-        self.error = reason
-        self._retry_at = time.monotonic() + self.retry_interval
-        if first:
-            _log.warning("token store %s unreachable (%s); this host serves and renews its tokens "
-                         "from its own files until it answers", self.url, reason)
-
-
-_links: dict[tuple[str, float], StoreLink] = {}
-_links_lock = threading.Lock()
-
-
-def link(url: str, retry_interval: float = RETRY_INTERVAL) -> StoreLink:
-    """The process's :class:`StoreLink` to ``url`` (one per URL, shared by both markets)."""
-    with _links_lock:
-        found = _links.get((url, retry_interval))
-        if found is None:
-            found = _links[(url, retry_interval)] = StoreLink(url, retry_interval)
-        return found
-
-
-# -- shared pieces with the host's files as fallback and copy --------------------------------------------
 
 
 class SharedRecordStore(Generic[R]):
@@ -423,7 +68,7 @@ class SharedRecordStore(Generic[R]):
         """The server's bytes (one ``GET``), or the file's signature while the server is down."""
         try:
             return self.link.call(self.shared.signature)
-        except Unreachable:
+        except StoreUnreachableError:
             return ("file", self.local.signature())
 
     def load(self) -> R | None:
@@ -450,7 +95,7 @@ class SharedRecordStore(Generic[R]):
                 elif record == copy:
                     _log.info("put this host's copy of the token back into the token store %s",
                               self.link.url)
-        except Unreachable:
+        except StoreUnreachableError:
             return self.local.load()
         if record is not None and record != copy:
             self.local.save(record)
@@ -458,7 +103,7 @@ class SharedRecordStore(Generic[R]):
 
     def save(self, record: R) -> None:
         """Store ``record`` on the server (if it answers) and in the host's file."""
-        with contextlib.suppress(Unreachable):
+        with contextlib.suppress(StoreUnreachableError):
             self.link.call(self.shared.save, record)
         self.local.save(record)
 
@@ -484,7 +129,7 @@ class SharedRecordStore(Generic[R]):
         removed = self.local.delete()
         try:
             return self.link.call(self.shared.delete) + removed
-        except Unreachable:
+        except StoreUnreachableError:
             raise StoreError(
                 f"removed this host's copy, but the token store {self.link.url} did not answer, and "
                 "its copy would come back: run the command again once it answers"
@@ -516,7 +161,7 @@ class SharedRenewalLock:
             try:
                 self.link.call(stack.enter_context, self.shared.hold(remaining))
                 leased = True
-            except Unreachable:
+            except StoreUnreachableError:
                 _log.warning("token store %s unreachable: holding only this host's lock %s",
                              self.link.url, self.local.location)
                 leased = False
@@ -540,7 +185,7 @@ class SharedRenewalLock:
             return
         try:
             self.link.call(self.shared.confirm)
-        except Unreachable:
+        except StoreUnreachableError:
             raise StoreError(
                 f"cannot confirm the lease on {self.shared.name}: the token store {self.link.url} "
                 "stopped answering"
@@ -568,7 +213,7 @@ class SharedStateStore:
         for read in (lambda: self.link.call(self.shared.stored), self.local.load):
             try:
                 state = read()
-            except Unreachable:
+            except StoreUnreachableError:
                 continue
             except CorruptRecordError as exc:
                 problems.append(exc)
@@ -583,7 +228,7 @@ class SharedStateStore:
 
     def save(self, state: RenewalState) -> None:
         """Store the state on the server (if it answers) and in the host's file."""
-        with contextlib.suppress(Unreachable):
+        with contextlib.suppress(StoreUnreachableError):
             self.link.call(self.shared.save, state)
         self.local.save(state)
 
@@ -611,6 +256,7 @@ def shared_key_store(url: str, directory: Path, key_id: str, kind: str = "token"
         SharedRenewalLock(server, RedisRenewalLock(server.client, names["lock"], lease, where["lock"]),
                           files.lock),
         SharedStateStore(server, RedisStateStore(server.client, names["state"], where["state"]), files.state),
+        "redis",
     )
 
 

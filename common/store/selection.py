@@ -37,7 +37,7 @@ def key_store(settings: Settings, key_id: str, kind: str = "token", *, lease: fl
 
 def describe(store: KeyStore[Any]) -> dict[str, Any]:
     """Which store ``store`` is and whether it answers, as ``check --json`` shows it under ``store``."""
-    if hasattr(store.record, "link"):
+    if store.backend == "redis":
         from common.store import redis_store
 
         return redis_store.describe(store)
