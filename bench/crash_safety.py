@@ -59,7 +59,7 @@ def loopback_session() -> requests.Session:
 def _renew_until_killed(environ: dict[str, str], ready: Any, phase: Any) -> None:
     """Worker: force renewals back to back until SIGKILLed, publishing its phase in ``phase``."""
     us = manager(environ, session=loopback_session(), **RENEWING)
-    record, lock, state = us.store
+    record, lock, state = us.store.record, us.store.lock, us.store.state
     hold, save_record, save_state, issue = lock.hold, record.save, state.save, kis_client.issue_token
 
     @contextlib.contextmanager

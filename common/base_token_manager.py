@@ -309,9 +309,11 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
             return decide(record, now, NO_BACKOFF, engine.windows, valid_for).action is not Action.SERVE
 
         before = engine.current()
-        record = engine.renew(engine.windows.lock_wait, needed) if needed(before, self.now()) else before
-        renewed = before is None or record.access_token != before.access_token  # type: ignore[union-attr]
-        return record._replace(market=self.market), renewed  # type: ignore[union-attr]
+        if before is not None and not needed(before, self.now()):
+            return before._replace(market=self.market), False
+        record = engine.renew(engine.windows.lock_wait, needed)
+        renewed = before is None or record.access_token != before.access_token
+        return record._replace(market=self.market), renewed
 
     def revoke(self) -> list[str]:
         """Revoke the key's token at the broker, then delete the local files.

@@ -114,7 +114,7 @@ class _ManagedToken:
     def __init__(self, manager: TokenSource, *args: Any, **kwargs: Any) -> None:
         self._manager = manager
         self._calls = _CallState()
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]  # mojito's class, mixed in at run time
 
     @property
     def access_token(self) -> str:

@@ -185,8 +185,8 @@ class KISAuth(requests.auth.AuthBase):
         response.close()
         again = request.copy()
         again.headers.update(kis_headers(self.manager, token))
-        again._kis_resent = True  # type: ignore[attr-defined]
-        answer = response.connection.send(again, **kwargs)  # type: ignore[attr-defined]
+        again._kis_resent = True  # type: ignore[attr-defined]  # our mark on requests' own object
+        answer = response.connection.send(again, **kwargs)  # type: ignore[attr-defined]  # set by requests' adapter, untyped
         answer.history.append(response)
         answer.request = again
         return answer

@@ -17,11 +17,13 @@ class TokenSource(Protocol):
 
     Attributes:
         settings: the manager's configuration (the account variable of ``create_broker``).
-        market_config: the market's ``config`` module (variable names, broker exchange).
     """
 
     settings: Settings
-    market_config: ModuleType
+
+    @property
+    def market_config(self) -> ModuleType:
+        """The market's ``config`` module (variable names, broker exchange)."""
 
     @property
     def market(self) -> str:

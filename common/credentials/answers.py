@@ -12,7 +12,7 @@ import json
 import logging
 import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import requests
 import urllib3
@@ -51,7 +51,7 @@ class IssuedToken:
     expires_at: float
 
 
-def is_credential(value: object, limit: int = MAX_CREDENTIAL) -> bool:
+def is_credential(value: object, limit: int = MAX_CREDENTIAL) -> TypeGuard[str]:
     """A token or key we can send back in a header: printable ASCII without blanks, not too long."""
     return (isinstance(value, str) and 0 < len(value) <= limit and value.isascii()
             and value.isprintable() and not any(c.isspace() for c in value))

@@ -155,7 +155,7 @@ def issue_approval_key(
     if not is_credential(key, 512):
         raise BadResponseError("approval answer has no usable approval_key (missing, not a string, "
                                "not printable ASCII, or too long)")
-    return key  # type: ignore[return-value]
+    return key
 
 
 def probe_date(

@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:  # asyncio costs ~50 ms to import: only code that awaits pays for it
     import asyncio
 
+    from common.credentials.records import ApprovalRecord, TokenRecord
+    from common.renewal.engine import RenewalEngine
+
 T = TypeVar("T")
 
 
@@ -56,6 +59,12 @@ class AsyncMethods:
     """
 
     _flights: SingleFlight | None = None
+    # Provided by the token manager this is mixed into:
+    _token_engine: RenewalEngine[TokenRecord] | None
+    _approval: RenewalEngine[ApprovalRecord] | None
+    get_valid_token: Callable[[], str]
+    get_approval_key: Callable[[], str]
+    replace_rejected_token: Callable[[str], str]
 
     def _single_flight(self) -> SingleFlight:
         if self._flights is None:
@@ -64,21 +73,21 @@ class AsyncMethods:
 
     async def get_valid_token_async(self) -> str:
         """:meth:`get_valid_token`, off the loop: a thousand tasks from cold cost one request."""
-        engine = self._token_engine  # type: ignore[attr-defined]
+        engine = self._token_engine
         record = None if engine is None else engine.fresh()
         if record is not None:
             return record.access_token
-        return await self._single_flight().run("token", self.get_valid_token)  # type: ignore[attr-defined]
+        return await self._single_flight().run("token", self.get_valid_token)
 
     async def get_approval_key_async(self) -> str:
         """:meth:`get_approval_key`, off the loop (a fresh one without leaving it)."""
-        engine = self._approval  # type: ignore[attr-defined]
+        engine = self._approval
         record = None if engine is None else engine.fresh()
         if record is not None:
             return record.approval_key
-        return await self._single_flight().run("approval", self.get_approval_key)  # type: ignore[attr-defined]
+        return await self._single_flight().run("approval", self.get_approval_key)
 
     async def replace_rejected_token_async(self, rejected: str) -> str:
         """:meth:`replace_rejected_token`, off the loop (one call per burst of the same rejection)."""
-        replace = self.replace_rejected_token  # type: ignore[attr-defined]
+        replace = self.replace_rejected_token
         return await self._single_flight().run(("replace", rejected), replace, rejected)

@@ -110,7 +110,7 @@ class CopyKeeper(Generic[R]):
         except (CorruptRecordError, StoreError) as exc:
             _log.warning("ignoring the stored %s: %s", self.name, exc)
             return None
-        if not usable(record, self._clock(), self.windows):
+        if record is None or not usable(record, self._clock(), self.windows):
             return None
         try:
             with self.store.lock.hold(self.windows.lock_wait if locked else 0):
@@ -118,7 +118,7 @@ class CopyKeeper(Generic[R]):
                 if state.legacy_closed:
                     return None
                 if self.store.record.load() is None:
-                    self.store.record.save(record)  # type: ignore[arg-type]  # usable() excluded None
+                    self.store.record.save(record)
                     _log.info("adopted the %s left by an older version", self.name)
                 state.legacy_closed = True
                 self.store.state.save(state)

@@ -49,7 +49,7 @@ from common.renewal.policy import (
     serve_until,
     usable,
 )
-from common.renewal.request_guard import RequestGuard
+from common.renewal.request_guard import RequestGuard, read_state
 from common.store.protocols import KeyStore, RenewalState
 
 R = TypeVar("R", bound=Expiring)
@@ -127,8 +127,8 @@ class RenewalEngine(Generic[R]):
         record = self.snapshot[0]
         if not self._mutex.acquire(blocking=False):
             # Another thread is syncing or renewing: keep serving a credential that is still usable.
-            if usable(record, self._clock(), self.windows):
-                return record  # type: ignore[return-value]  # usable() excluded None
+            if record is not None and usable(record, self._clock(), self.windows):
+                return record
             if not self._mutex.acquire(timeout=self.windows.lock_wait + 30.0):
                 raise TokenUnavailableError(f"no valid {self.name}: another thread's renewal hangs")
         try:
@@ -157,8 +157,8 @@ class RenewalEngine(Generic[R]):
         now = self._clock()
         record = self.snapshot[0]
         decision = decide(record, now, self.backoff, self.windows)
-        if decision.action is Action.SERVE:
-            return record  # type: ignore[return-value]
+        if decision.action is Action.SERVE and record is not None:  # (SERVE implies one is held)
+            return record
         if decision.action is Action.FAIL:
             raise TokenUnavailableError(f"no valid {self.name}: {self.backoff.error}")
         try:
@@ -187,11 +187,9 @@ class RenewalEngine(Generic[R]):
             _log.debug("another process is renewing the %s; serving the current one", self.name)
             return
         left = current.seconds_left(now)
-        _log.log(
-            logging.ERROR if left <= self.windows.mandatory else logging.WARNING,
-            "%s renewal failed (%s); keeping the current %s, valid for %s more",
-            self.name, exc, self.name, format_duration(left),
-        )
+        _log.log(logging.ERROR if left <= self.windows.mandatory else logging.WARNING,
+                 "%s renewal failed (%s); keeping the current %s, valid for %s more",
+                 self.name, exc, self.name, format_duration(left))
 
     # -- the locked transaction ---------------------------------------------------------------------
 
@@ -222,15 +220,15 @@ class RenewalEngine(Generic[R]):
         self._sync(force=True, locked=True)
         current = self.snapshot[0]
         now = self._clock()
-        if not needed(current, now):
+        if current is not None and not needed(current, now):
             _log.debug("another process renewed the %s meanwhile", self.name)
-            return current  # type: ignore[return-value]
+            return current
         state = self.load_state()
         guard = self.guard
         if state.last_request_at is not None and not guard.clock_known() and guard.read_broker_clock():
             now = self._clock()  # a clock running ahead would take a recent request for an old one
-            if not needed(current, now):  # in the broker's time the held credential is still good
-                return current  # type: ignore[return-value]
+            if current is not None and not needed(current, now):  # in the broker's time it is still good
+                return current
         left = None if current is None else current.seconds_left(now)
         now = self.guard.check(state, now, left, lambda state, outcome: self._observe(state, outcome, after))
         left = None if current is None else current.seconds_left(now)
@@ -304,21 +302,8 @@ class RenewalEngine(Generic[R]):
         self.store.state.save(state)
 
     def load_state(self) -> RenewalState:
-        """The key's shared renewal memory. An unusable one counts as "a request may just have been
-        made" (warning logged): the one-a-minute memory errs on the safe side."""
-        try:
-            state = self.store.state.load()
-        except CorruptRecordError as exc:
-            _log.warning("the %s renewal state is unusable (%s); counting it as a request made just now",
-                         self.name, exc)
-            state = RenewalState(last_request_at=self._clock())
-            state.unreadable = True
-            return state
-        if state.unreadable:  # one copy of it (a shared store's) could not be read
-            _log.warning("one copy of the %s renewal state is unusable; counting it as a request made "
-                         "just now", self.name)
-            state.last_request_at = max(state.last_request_at or 0.0, self._clock())
-        return state
+        """The key's shared renewal memory (:func:`~common.renewal.request_guard.read_state`)."""
+        return read_state(self.store.state, self._clock(), self.name)
 
     # -- store and memory ---------------------------------------------------------------------------
 

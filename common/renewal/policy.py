@@ -39,7 +39,9 @@ MAX_PAUSE = 300.0
 class Expiring(Protocol):
     """Anything with an expiry: a token record, an approval key."""
 
-    expires_at: float
+    @property
+    def expires_at(self) -> float:
+        """When it expires, epoch seconds."""
 
     def seconds_left(self, now: float) -> float:
         """Seconds until expiry (negative once expired)."""

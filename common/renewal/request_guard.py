@@ -14,11 +14,17 @@ import time
 from collections.abc import Callable
 
 from common.clock import format_duration
-from common.errors import CREDENTIAL_CODES, CredentialsError, DailyLimitError, RequestHeldBackError
+from common.errors import (
+    CREDENTIAL_CODES,
+    CorruptRecordError,
+    CredentialsError,
+    DailyLimitError,
+    RequestHeldBackError,
+)
 from common.renewal.outcomes import Outcome
 from common.renewal.policy import Windows
 from common.settings import DAILY_LIMIT_VAR
-from common.store.protocols import RenewalState
+from common.store.protocols import RenewalState, StateStore
 
 #: A last request stamped further than this in the future is looked at twice (the clock is checked).
 FUTURE_TOLERANCE = 5.0
@@ -125,3 +131,21 @@ class RequestGuard:
         )
         observe(state, Outcome("refused", now, DailyLimitError.CODE, message, left))
         raise DailyLimitError(message, retry_in)
+
+
+def read_state(store: StateStore, now: float, name: str) -> RenewalState:
+    """The key's shared renewal memory. An unusable one counts as "a request may just have been
+    made" at ``now`` (warning logged): the one-a-minute memory errs on the safe side."""
+    try:
+        state = store.load()
+    except CorruptRecordError as exc:
+        _log.warning("the %s renewal state is unusable (%s); counting it as a request made just now",
+                     name, exc)
+        state = RenewalState(last_request_at=now)
+        state.unreadable = True
+        return state
+    if state.unreadable:  # one copy of it (a shared store's) could not be read
+        _log.warning("one copy of the %s renewal state is unusable; counting it as a request made just now",
+                     name)
+        state.last_request_at = max(state.last_request_at or 0.0, now)
+    return state

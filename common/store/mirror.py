@@ -47,7 +47,7 @@ class MarketMirror:
             marked = text is not None and json.loads(text).get("mirror_of") == key_id
         except (CorruptRecordError, StoreError, ValueError, AttributeError):
             return False
-        return marked and mirrored._replace(market=record.market) == record  # type: ignore[union-attr]
+        return marked and mirrored is not None and mirrored._replace(market=record.market) == record
 
     def write(self, record: TokenRecord, key_id: str) -> None:
         """Write the three files for ``record`` (whose ``market`` is this market's)."""

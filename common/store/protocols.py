@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeGuard, TypeVar
 
 from common.clock import EARLIEST, LATEST
 from common.errors import CorruptRecordError
@@ -125,13 +125,13 @@ def _same_kind(value: object, default: object, name: str) -> bool:
     return _is_count(value)
 
 
-def _is_count(value: object) -> bool:
+def _is_count(value: object) -> TypeGuard[float]:
     """A finite, non-negative number (NaN and the infinities fail every comparison)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e15
 
 
 def _is_time(value: object) -> bool:
-    return _is_count(value) and EARLIEST <= value <= LATEST  # type: ignore[operator]
+    return _is_count(value) and EARLIEST <= value <= LATEST
 
 
 class RecordStore(Protocol[R]):

@@ -265,7 +265,9 @@ def describe(store: KeyStore[Any]) -> dict[str, Any]:
     ``misconfigured`` (it answers but refuses our password, user or database), ``error`` (why not)
     and ``prefix`` (of the key's names on the server)."""
     record = store.record
-    server: StoreLink = record.link  # type: ignore[attr-defined]
+    if not isinstance(record, SharedRecordStore):
+        raise TypeError(f"not a shared store: {type(record).__name__}")
+    server: StoreLink = record.link
     reachable = not server.down and server.ping()
     error = None if reachable else server.error
     return {
@@ -274,5 +276,5 @@ def describe(store: KeyStore[Any]) -> dict[str, Any]:
         "reachable": reachable,
         "misconfigured": error is not None and error.startswith(MISCONFIGURED),
         "error": error,
-        "prefix": record.shared.name.rsplit(":", 1)[0] + ":",  # type: ignore[attr-defined]
+        "prefix": record.shared.name.rsplit(":", 1)[0] + ":",
     }
