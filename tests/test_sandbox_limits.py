@@ -394,3 +394,15 @@ def test_a_bad_key_rate_is_refused_without_echoing_it() -> None:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "--key-rate #1" in result.stderr and "SECRETISH" not in result.stderr
+
+
+def test_without_the_websockets_library_the_sandbox_serves_http_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "websockets" else find_spec(name, *args))
+    with Sandbox() as sandbox:
+        assert not sandbox.serves_websocket
+        call(sandbox)
+        assert sandbox.counters()["rest_calls"] == {KEY: 1}
