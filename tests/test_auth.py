@@ -30,7 +30,8 @@ BURST = 20
 
 @pytest.fixture
 def sandbox(clock):
-    with Sandbox(clock=clock) as server:
+    # Bursts of 20 calls test the token; the broker's 18 calls a second per key is not theirs to keep.
+    with Sandbox(clock=clock, rest_rate=0) as server:
         yield server
 
 

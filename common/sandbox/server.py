@@ -2,7 +2,10 @@
 
 It answers on the broker's paths with the broker's JSON shapes (see KIS_FACTS.md):
 ``POST /oauth2/tokenP``, ``POST /oauth2/revokeP``, ``POST /oauth2/Approval`` and any
-``/uapi/...`` path, which checks the bearer token like a protected endpoint does.
+``/uapi/...`` path, which checks the bearer token like a protected endpoint does. The ``/uapi`` paths
+keep the broker's calls-per-second limit per app key (``EGW00201``, see :mod:`common.sandbox.rate`),
+and a WebSocket endpoint on a port of its own keeps its one session per app key and 41
+registrations (``OPSP8996``, ``OPSP0008``, see :mod:`common.sandbox.websocket`).
 
 Knobs live under ``/sandbox/`` (JSON in and out)::
 
@@ -15,6 +18,12 @@ Knobs live under ``/sandbox/`` (JSON in and out)::
     POST   /sandbox/reset             forget tokens, counters, faults, rate limits, offset
     GET    /sandbox/config            {"rate_limit", "token_lifetime", "same_token_window"}
     POST   /sandbox/config            change any of those
+    GET    /sandbox/limits            {"rest_rate", "rest_rates", "ws_max_registrations"}
+    POST   /sandbox/limits            change any of those (``rest_rates`` replaces the map)
+    GET    /sandbox/info              {"base_url", "ws_url"} (``ws_url`` null without the endpoint)
+
+``POST /sandbox/faults {"mode": "egw00201", "count": N[, "appkey": KEY]}`` answers the next N REST
+calls (of that key, or of any) ``EGW00201`` whatever the rate.
 
 Error codes where the broker's own are unknown: a body that is not a JSON object gets
 HTTP 400 ``EGW00101`` (invalid request); a wrong ``grant_type`` 403 ``EGW00101``; a missing
@@ -28,6 +37,7 @@ Run it with ``python -m common.sandbox --help``. It never logs app secrets or to
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import json
 import math
@@ -49,6 +59,9 @@ from types import FrameType, TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qsl, urlsplit
 
+from common.sandbox.rate import EGW00201_BODY, EGW00201_STATUS, REAL_RATE, RestRateLimit
+from common.sandbox.websocket import MAX_REGISTRATIONS, WebSocketEndpoint
+
 #: The broker writes expiries in Korea time without a zone designator.
 KST = timezone(timedelta(hours=9), "KST")
 TOKEN_PATH = "/oauth2/tokenP"
@@ -58,6 +71,8 @@ FAULT_MODES = ("5xx", "5xx_code", "5xx_ratelimit", "html", "truncated", "drop", 
 #: Garbled token answers (``bench/faults.py``), served by :meth:`_Handler._serve_garbled`.
 GARBLED_MODES = ("bad_charset", "deep_json", "non_ascii_token", "wrong_types", "huge_body")
 FAULT_MODES += GARBLED_MODES
+#: The fault mode that answers REST calls (``/uapi`` paths) ``EGW00201``: :meth:`Sandbox.inject_egw00201`.
+EGW00201_MODE = "egw00201"
 #: Size of the ``huge_body`` answer: twice the largest answer a client should read.
 HUGE_BODY = 2_000_000
 MAX_BODY = 1 << 20
@@ -152,9 +167,17 @@ class Sandbox:
         apps: accepted ``{app key: secret}``; ``None`` or empty accepts any non-empty pair.
         clock: returns epoch seconds (default ``time.time``); the offset is added on top.
         verbose: log one line per request to stderr (never bodies or headers).
+        rest_rate: REST calls an app key may make in any one second (``/uapi`` paths; 0: no limit);
+            the broker's is 18 for real accounts, 1 for paper ones.
+        rest_rates: a rate per app key that overrides ``rest_rate`` (e.g. a paper key at 1).
+        websocket: serve the WebSocket endpoint; ``None`` (default) serves it when the
+            ``websockets`` library is installed.
+        ws_port: the WebSocket endpoint's port; 0 picks a free one.
+        ws_max_registrations: registrations a WebSocket session may hold (the broker's 41).
 
     Raises:
         ValueError: ``host`` is not a loopback address, or a knob is out of range.
+        ImportError: ``websocket=True`` without the ``websockets`` library.
     """
 
     def __init__(
@@ -167,6 +190,12 @@ class Sandbox:
         apps: Mapping[str, str] | None = None,
         clock: Callable[[], float] | None = None,
         verbose: bool = False,
+        *,
+        rest_rate: int = REAL_RATE,
+        rest_rates: Mapping[str, int] | None = None,
+        websocket: bool | None = None,
+        ws_port: int = 0,
+        ws_max_registrations: int = MAX_REGISTRATIONS,
     ) -> None:
         if not is_loopback(host):
             raise ValueError(f"host must be a loopback address, not {host!r}")
@@ -183,6 +212,15 @@ class Sandbox:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._base_url: str | None = None
+        self._rest = RestRateLimit(rest_rate, rest_rates)
+        if websocket is None:
+            websocket = importlib.util.find_spec("websockets") is not None
+        elif websocket:
+            import websockets  # noqa: F401  (say so now, not at start)
+        self._ws = (
+            WebSocketEndpoint(host, ws_port, self._app_key_of, ws_max_registrations, verbose)
+            if websocket else None
+        )
         self._forget()
 
     def _forget(self) -> None:
@@ -192,6 +230,7 @@ class Sandbox:
         self._current: dict[str, _Token] = {}
         self._last_answer: dict[str, float] = {}
         self._faults: dict[str, list[_Fault]] = {}
+        self._approvals: dict[str, str] = {}
         self._counters = _Counters()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -217,10 +256,19 @@ class Sandbox:
             daemon=True,
         )
         self._thread.start()
+        if self._ws is not None:
+            try:
+                self._ws.start()
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the socket; slow faults in progress end early."""
+        """Stop serving and close the sockets (WebSocket sessions get code 1001); slow faults in
+        progress end early."""
+        if self._ws is not None:
+            self._ws.stop()
         server, thread = self._server, self._thread
         if server is None or thread is None:
             return
@@ -248,6 +296,22 @@ class Sandbox:
             raise RuntimeError("sandbox not started")
         return self._base_url
 
+    @property
+    def serves_websocket(self) -> bool:
+        """Whether this sandbox serves the WebSocket endpoint."""
+        return self._ws is not None
+
+    @property
+    def ws_url(self) -> str:
+        """``ws://HOST:PORT`` of the running (or last run) WebSocket endpoint (any path is accepted).
+
+        Raises:
+            RuntimeError: the sandbox was not started, or serves no WebSocket endpoint.
+        """
+        if self._ws is None:
+            raise RuntimeError("this sandbox serves no WebSocket endpoint (websocket=False or no websockets)")
+        return self._ws.url
+
     # -- knobs -------------------------------------------------------------------------------
 
     def now(self) -> float:
@@ -255,9 +319,15 @@ class Sandbox:
         return self._clock() + self._offset
 
     def counters(self) -> dict[str, Any]:
-        """A copy of the counters, as served by ``GET /sandbox/counters``."""
+        """A copy of the counters, as served by ``GET /sandbox/counters``: the token endpoints',
+        ``rest_calls`` and ``rest_egw00201`` per app key (see :meth:`RestRateLimit.snapshot`), and
+        with the WebSocket endpoint its ``ws_*`` counters (see :meth:`WebSocketEndpoint.counters`)."""
         with self._lock:
-            return self._counters.snapshot()
+            counters = self._counters.snapshot()
+        counters.update(self._rest.snapshot())
+        if self._ws is not None:
+            counters.update(self._ws.counters())
+        return counters
 
     def inject_fault(self, mode: str, count: int = 1, delay: float = 2.0, path: str = TOKEN_PATH) -> None:
         """Serve ``mode`` instead of the normal answer to the next ``count`` requests to ``path``.
@@ -288,10 +358,20 @@ class Sandbox:
         with self._lock:
             self._faults.setdefault(path, []).append(_Fault(mode, delay, count))
 
+    def inject_egw00201(self, count: int = 1, app_key: str | None = None) -> None:
+        """Answer the next ``count`` REST calls (``/uapi`` paths) of ``app_key``, or of any key,
+        ``EGW00201`` whatever the rate; they count in ``rest_egw00201``.
+
+        Raises:
+            ValueError: ``count`` below 1 or an empty ``app_key``.
+        """
+        self._rest.inject(count, app_key)
+
     def clear_faults(self) -> None:
-        """Drop every queued fault."""
+        """Drop every queued fault, and the ``EGW00201`` answers not served yet."""
         with self._lock:
             self._faults.clear()
+        self._rest.clear_injected()
 
     def advance(self, seconds: float) -> None:
         """Move the sandbox's time forward (or back, if negative) by ``seconds``."""
@@ -325,6 +405,32 @@ class Sandbox:
                 self.same_token_window = _number(same_token_window, "same_token_window")
             return self._config()
 
+    def limits(self) -> dict[str, Any]:
+        """The per-key limits: ``{"rest_rate", "rest_rates", "ws_max_registrations"}``."""
+        limits = self._rest.limits()
+        limits["ws_max_registrations"] = self._ws.max_registrations if self._ws else MAX_REGISTRATIONS
+        return limits
+
+    def configure_limits(
+        self,
+        rest_rate: int | None = None,
+        rest_rates: Mapping[str, int] | None = None,
+        ws_max_registrations: int | None = None,
+    ) -> dict[str, Any]:
+        """Change the per-key limits given (``rest_rates`` replaces the map) and return :meth:`limits`.
+
+        Raises:
+            ValueError: a value is out of range (nothing is changed then).
+        """
+        if ws_max_registrations is not None:
+            from common.sandbox.websocket import check_registrations
+
+            check_registrations(ws_max_registrations)
+        self._rest.configure(rest_rate, rest_rates)
+        if ws_max_registrations is not None and self._ws is not None:
+            self._ws.configure(ws_max_registrations)
+        return self.limits()
+
     def expire_tokens(self) -> int:
         """Let every token issued so far expire now, as if the broker had cut it short (protected
         calls then answer ``EGW00123``, and the next token request issues a new one); return how many."""
@@ -335,9 +441,18 @@ class Sandbox:
             return len(self._tokens)
 
     def reset(self) -> None:
-        """Forget tokens, counters, faults, rate-limit memory and the clock offset."""
+        """Forget tokens, approval keys, counters, faults, rate-limit memory and the clock offset
+        (open WebSocket sessions stay open and keep their keys)."""
         with self._lock:
             self._forget()
+        self._rest.reset()
+        if self._ws is not None:
+            self._ws.reset_counters()
+
+    def _app_key_of(self, approval_key: str) -> str | None:
+        """The app key an approval key was issued for, ``None`` if this sandbox did not issue it."""
+        with self._lock:
+            return self._approvals.get(approval_key)
 
     def _config(self) -> dict[str, float]:
         return {
@@ -429,11 +544,16 @@ class Sandbox:
         if refusal:
             return refusal
         self._counters.approvals += 1
-        return 200, {"approval_key": str(uuid.uuid4())}
+        approval_key = str(uuid.uuid4())
+        self._approvals[approval_key] = body["appkey"]
+        return 200, {"approval_key": approval_key}
 
     def _protected(self, path: str, query: str, headers: Message) -> Reply:
-        """Any ``/uapi/...`` path: check the bearer token, then answer a sample quote."""
+        """Any ``/uapi/...`` path: keep the per-key rate, check the bearer token, answer a sample quote."""
         self._counters.protected_calls += 1
+        app_key = headers.get("appkey")
+        if app_key and not self._rest.admit(app_key):
+            return EGW00201_STATUS, dict(EGW00201_BODY)
         scheme, _, value = (headers.get("authorization") or "").partition(" ")
         token = self._tokens.get(value.strip()) if scheme.lower() == "bearer" else None
         if token is None or token.appkey != headers.get("appkey"):
@@ -455,6 +575,9 @@ class Sandbox:
         try:
             if (method, path) == ("GET", "/sandbox/counters"):
                 return 200, self.counters()
+            if (method, path) == ("POST", "/sandbox/faults") and body.get("mode") == EGW00201_MODE:
+                self.inject_egw00201(body.get("count", 1), body.get("appkey"))
+                return 200, {"ok": True}
             if (method, path) == ("POST", "/sandbox/faults"):
                 self.inject_fault(
                     body.get("mode", ""),
@@ -481,6 +604,14 @@ class Sandbox:
             if (method, path) == ("GET", "/sandbox/config"):
                 with self._lock:
                     return 200, self._config()
+            if (method, path) == ("POST", "/sandbox/limits"):
+                known = ("rest_rate", "rest_rates", "ws_max_registrations")
+                return 200, self.configure_limits(**{k: body[k] for k in known if k in body})
+            if (method, path) == ("GET", "/sandbox/limits"):
+                return 200, self.limits()
+            if (method, path) == ("GET", "/sandbox/info"):
+                ws_url = self._ws.url if self._ws is not None else None
+                return 200, {"base_url": self.base_url, "ws_url": ws_url}
         except ValueError as exc:
             return 400, {"error": str(exc)}
         return 404, {"error": f"no control endpoint {method} {path}"}
@@ -709,27 +840,51 @@ def _parse_apps(values: list[str]) -> dict[str, str]:
     return apps
 
 
+def _ws_port(port: int, ws_port: int | None) -> int:
+    """The WebSocket port: ``ws_port`` if given, else the next after ``port`` (0 stays 0)."""
+    if ws_port is not None:
+        return ws_port
+    return port + 1 if 0 < port < 65535 else 0
+
+
+def _parse_key_rates(values: list[str]) -> dict[str, int]:
+    """Parse ``KEY:RATE`` values (the error names the position, not the key)."""
+    rates = {}
+    for number, value in enumerate(values, 1):
+        key, colon, rate = value.rpartition(":")
+        if not (colon and key and rate.isdigit()):
+            raise ValueError(f"--key-rate #{number} must be KEY:RATE with a whole number of calls a second")
+        rates[key] = int(rate)
+    return rates
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve until Ctrl-C or SIGTERM; print the base URL as the first line of stdout."""
+    """Serve until Ctrl-C or SIGTERM; print the base URL as the first line of stdout and, with the
+    WebSocket endpoint, its URL as the second."""
     parser = argparse.ArgumentParser(
         prog="python -m common.sandbox",
-        description="Local stand-in for the KIS OAuth API.",
+        description="Local stand-in for the KIS Open API: OAuth endpoints, protected /uapi sample "
+                    "endpoints with the per-key rate, and a WebSocket endpoint with its session rules.",
         epilog=(
             "Knobs (JSON over HTTP, under /sandbox/): GET counters; POST faults {\"mode\", \"count\", "
             "\"delay\", \"path\"} with mode one of " + ", ".join(FAULT_MODES) + "; DELETE faults; "
             "GET|POST clock {\"offset\"}; POST expire (protected calls answer EGW00123); POST reset; "
-            "GET|POST config {\"rate_limit\", \"token_lifetime\", \"same_token_window\"}. Example: "
+            "GET|POST config {\"rate_limit\", \"token_lifetime\", \"same_token_window\"}; "
+            "GET|POST limits {\"rest_rate\", \"rest_rates\", \"ws_max_registrations\"}; GET info "
+            "{\"base_url\", \"ws_url\"}. POST faults {\"mode\": \"" + EGW00201_MODE + "\", \"count\", "
+            "\"appkey\"} answers the next REST calls (of that key, or of any) EGW00201. Example: "
             "curl -X POST -d '{\"mode\": \"5xx\", \"count\": 2}' http://127.0.0.1:8080/sandbox/faults"
         ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="loopback address (default %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="port (default %(default)s, as in .env.example; 0 picks a free one)")
-    parser.add_argument("--rate-limit", type=float, default=60.0, metavar="SECONDS")
+    parser.add_argument("--rate-limit", type=float, default=60.0, metavar="SECONDS",
+                        help="seconds between two token answers for one app key (default %(default)s)")
     parser.add_argument("--token-lifetime", type=float, default=86400.0, metavar="SECONDS")
     parser.add_argument("--same-token-window", type=float, default=6 * 3600.0, metavar="SECONDS")
     parser.add_argument(
@@ -739,6 +894,21 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY:SECRET",
         help="accepted app (repeatable)",
     )
+    limits = parser.add_argument_group("per-key limits (the broker's notice of 2026-04-20)")
+    limits.add_argument("--rest-rate", type=int, default=REAL_RATE, metavar="N",
+                        help="REST calls (/uapi paths) an app key may make in any one second; beyond it "
+                             "EGW00201 (default %(default)s, the broker's for real accounts; paper "
+                             "accounts get 1; 0: no limit)")
+    limits.add_argument("--key-rate", action="append", default=[], metavar="KEY:N",
+                        help="the rate of one app key, e.g. a paper key at 1 (repeatable)")
+    limits.add_argument("--ws-port", type=int, default=None, metavar="PORT",
+                        help="the WebSocket endpoint's port (default: --port + 1, 0 when --port is 0); "
+                             "one session per app key (a second gets OPSP8996)")
+    limits.add_argument("--ws-max-registrations", type=int, default=MAX_REGISTRATIONS, metavar="N",
+                        help="registrations a WebSocket session may hold; beyond it OPSP0008 "
+                             "(default %(default)s)")
+    limits.add_argument("--no-websocket", action="store_true",
+                        help="serve no WebSocket endpoint (it needs the websockets library)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log requests to stderr")
     args = parser.parse_args(argv)
 
@@ -757,6 +927,11 @@ def main(argv: list[str] | None = None) -> int:
             args.same_token_window,
             _parse_apps(args.app),
             verbose=args.verbose,
+            rest_rate=args.rest_rate,
+            rest_rates=_parse_key_rates(args.key_rate),
+            websocket=False if args.no_websocket else None,
+            ws_port=_ws_port(args.port, args.ws_port),
+            ws_max_registrations=args.ws_max_registrations,
         )
     except ValueError as exc:
         return fail(str(exc))
@@ -765,8 +940,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             sandbox.start()
         except OSError as exc:
-            return fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror}", 1)
+            return fail(f"cannot listen on {args.host} (port {args.port}, websocket port "
+                        f"{_ws_port(args.port, args.ws_port)}): {exc.strerror}", 1)
         print(sandbox.base_url, flush=True)
+        if sandbox.serves_websocket:
+            print(sandbox.ws_url, flush=True)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
