@@ -484,7 +484,7 @@ def check_directory_mode(directory: Path, st: os.stat_result | None = None) -> N
         except OSError:
             return  # not there yet: prepare_directory checks it when it makes it
     _checked_directories.add(key)
-    if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022:
+    if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022 and fs.has_permission_bits():
         _log.warning("the token directory %s can be written by %s (mode %04o): another user could plant "
                      "files in it; chmod 700 it", directory,
                      "group and others" if st.st_mode & 0o002 else "its group", stat.S_IMODE(st.st_mode))
@@ -596,7 +596,7 @@ def atomic_write(path: Path, text: str, mode: int, what: str = "") -> None:
                       else exc.strerror or exc)
             raise StoreError(f"cannot write {what or path}: {reason}") from None
         raise
-    _fsync_directory(path.parent)
+    fs.fsync_directory(path.parent)
 
 
 def _owner_name(path: Path) -> str:
@@ -604,18 +604,4 @@ def _owner_name(path: Path) -> str:
         uid = os.lstat(path).st_uid
     except OSError:
         return "another user"
-    try:
-        import pwd
-
-        return pwd.getpwuid(uid).pw_name
-    except (ImportError, KeyError):
-        return f"uid {uid}"
-
-
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | fs.CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    return fs.owner_name(uid)
