@@ -1,0 +1,172 @@
+"""The operator at 3 a.m. (issue 17), the rest: true renewal lines, the last failure beside the token,
+a progress line for a slow renewal, and docstrings and tables that say what they mean."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import responses
+
+from common.cli.market import main
+from tests.conftest import DAY, REAL_HOST, TOKEN_URL, fake_token, refusal, token_answer
+
+REVOKE_URL = REAL_HOST + "/oauth2/revokeP"
+
+
+def cli(manager, *args: str) -> int:
+    return main(lambda: manager, list(args), market=manager.market.upper())
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# -- 1. renewal lines that are true --------------------------------------------------------------------
+
+
+def test_refresh_answered_with_the_same_token_says_so_and_until_when(us, clock, capsys):
+    with responses.RequestsMock() as mock:
+        mock.post(TOKEN_URL, json=token_answer(fake_token(1), clock() + DAY))
+        assert cli(us, "get") == 0
+        clock.advance(120)
+        mock.post(TOKEN_URL, json=token_answer(fake_token(1), clock() + DAY - 120))
+        capsys.readouterr()
+        assert cli(us, "refresh") == 0
+    out = capsys.readouterr().out
+    assert "US token not renewed: the broker re-sent the same token eyJ0...dXJl" in out
+    assert "still valid until 2026-11-25T08:00:00+09:00 (in 23h 58m)" in out
+    assert "token renewed" not in out and fake_token(1) not in out
+
+
+@pytest.mark.parametrize("how", ["revoke", "delete"])
+def test_check_after_a_revoke_or_delete_claims_no_renewal(us, clock, capsys, how):
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.post(TOKEN_URL, json=token_answer(fake_token(1), clock() + DAY))
+        mock.post(REVOKE_URL, json={"code": 200, "message": "접근토큰 폐기에 성공하였습니다"})
+        assert cli(us, "get") == 0
+        assert cli(us, "check") == 0
+        assert "last renewal: renewed at 2026-11-24T08:00:00+09:00" in capsys.readouterr().out
+        clock.advance(30)
+        assert cli(us, how) == 0
+    capsys.readouterr()
+    assert cli(us, "check") == 2
+    out = capsys.readouterr().out
+    done = "revoked" if how == "revoke" else "deleted"
+    assert (f"last renewal: none since the token was {done} at 2026-11-24T08:00:30+09:00 "
+            "(before it: renewed at 2026-11-24T08:00:00+09:00)") in out
+    assert "last renewal: renewed" not in out
+    assert cli(us, "check", "--json") == 2
+    info = json.loads(capsys.readouterr().out)
+    assert info["removed"] == {"how": done, "at": "2026-11-24T08:00:30+09:00"}
+    assert info["last_renewal"]["outcome"] == "renewed"  # the key's last request, as documented
+
+    clock.advance(60)  # a renewal after the removal stands again
+    with responses.RequestsMock() as mock:
+        mock.post(TOKEN_URL, json=token_answer(fake_token(2), clock() + DAY))
+        assert cli(us, "get") == 0
+    capsys.readouterr()
+    assert cli(us, "check", "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["removed"] is None and info["last_renewal"]["outcome"] == "renewed"
+
+
+# -- 2. the last failure beside the token ------------------------------------------------------------
+
+
+def test_a_refused_secret_is_the_last_failure_in_check_and_its_json(us, clock, capsys):
+    with responses.RequestsMock() as mock:
+        mock.post(TOKEN_URL, status=403, json=refusal("EGW00105", "유효하지 않은 AppSecret입니다."))
+        assert cli(us, "get") == 3
+    capsys.readouterr()
+    assert cli(us, "check") == 2
+    out = capsys.readouterr().out
+    assert "  last failure: refused EGW00105 at 2026-11-24T08:00:00+09:00" in out
+    assert "유효하지 않은 AppSecret" in out
+    assert cli(us, "check", "--json") == 2
+    failure = json.loads(capsys.readouterr().out)["last_failure"]
+    assert failure["kind"] == "refused" and failure["code"] == "EGW00105"
+    assert failure["summary"] == "refused EGW00105"
+
+    clock.advance(61)  # fixed: a success clears it
+    with responses.RequestsMock() as mock:
+        mock.post(TOKEN_URL, json=token_answer(fake_token(1), clock() + DAY))
+        assert cli(us, "get") == 0
+    capsys.readouterr()
+    assert cli(us, "check", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["last_failure"] is None
+
+
+def test_an_unreachable_broker_is_the_last_failure_naming_its_url(make_manager, env, capsys):
+    from us.token_manager import USTokenManager
+
+    url = f"http://127.0.0.1:{closed_port()}"
+    us = make_manager(USTokenManager, {**env, "KIS_BASE_URL": url})
+    assert cli(us, "get") == 1
+    capsys.readouterr()
+    assert cli(us, "check", "--json") == 2
+    failure = json.loads(capsys.readouterr().out)["last_failure"]
+    assert failure["kind"] == "failed" and failure["code"] is None
+    assert failure["summary"] == f"broker unreachable ({url}/oauth2/tokenP)"
+    assert "connection refused" in failure["message"]
+
+
+def test_a_record_that_cannot_be_written_is_a_store_failure(us, capsys):
+    us.store.record.path.parent.mkdir(parents=True, exist_ok=True)
+    us.store.record.path.mkdir()
+    assert cli(us, "check", "--json") == 2
+    failure = json.loads(capsys.readouterr().out)["last_failure"]
+    assert failure["kind"] == "store" and failure["summary"] == "the token record cannot be written"
+    assert "is a directory, not a file: remove it" in failure["message"]
+
+
+def test_an_unreachable_shared_store_is_the_last_failure(make_manager, env, capsys):
+    from us.token_manager import USTokenManager
+
+    store_url = f"redis://127.0.0.1:{closed_port()}/0"
+    us = make_manager(USTokenManager, {**env, "KIS_TOKEN_STORE": store_url})
+    cli(us, "check", "--json")
+    failure = json.loads(capsys.readouterr().out)["last_failure"]
+    assert failure["kind"] == "store" and failure["summary"] == f"store unreachable ({store_url})"
+    assert failure["message"]
+
+
+def test_status_shows_each_markets_last_failure_beside_its_token(make_manager, env, clock, monkeypatch,
+                                                                  tmp_path, capsys):
+    from kis_token import console
+    from us.token_manager import USTokenManager
+
+    us = make_manager(USTokenManager)
+    with responses.RequestsMock() as mock:
+        mock.post(TOKEN_URL, status=403, json=refusal("EGW00105", "유효하지 않은 AppSecret입니다."))
+        assert cli(us, "get") == 3
+    monkeypatch.chdir(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    assert console.main(["status"]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-2:] == ["LAST", "FAILURE"]
+    us_row = next(line for line in lines if line.startswith("us "))
+    kr_row = next(line for line in lines if line.startswith("kr "))
+    assert us_row.endswith("refused EGW00105 (2026-11-24 08:00)")
+    assert kr_row.endswith("-")
+    assert console.main(["status", "--json"]) == 2
+    markets = json.loads(capsys.readouterr().out)["markets"]
+    assert markets["us"]["last_failure"]["summary"] == "refused EGW00105"
+    assert markets["kr"]["last_failure"] is None
+
+
+def test_status_without_failures_keeps_its_table(make_manager, env, monkeypatch, tmp_path, capsys):
+    from kis_token import console
+
+    monkeypatch.chdir(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert console.main(["status"]) == 2
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.split() == ["MARKET", "ENV", "KEY", "STATE", "EXPIRES", "LEFT", "TOKEN"]
