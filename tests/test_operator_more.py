@@ -170,3 +170,96 @@ def test_status_without_failures_keeps_its_table(make_manager, env, monkeypatch,
     assert console.main(["status"]) == 2
     header = capsys.readouterr().out.splitlines()[0]
     assert header.split() == ["MARKET", "ENV", "KEY", "STATE", "EXPIRES", "LEFT", "TOKEN"]
+
+
+# -- 3. a line while a renewal waits ------------------------------------------------------------------
+
+
+class TickingClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_progress_line_names_the_request_after_two_seconds_then_every_five():
+    from common.cli.progress import PROGRESS_AFTER, Progress, RequestWatch
+
+    clock, lines = TickingClock(), []
+    watch = RequestWatch()
+    progress = Progress("US", "token", watch, lines.append, clock=clock)
+    clock.now += PROGRESS_AFTER - 0.1
+    progress.tick()
+    assert lines == []
+    clock.now += 0.2
+    progress.tick()
+    assert lines == ["waiting for the us token's lock or store (another process may be renewing it) (2 s)"]
+    watch.current = ("POST", "https://openapi.koreainvestment.com:9443/oauth2/tokenP")
+    clock.now += 3
+    progress.tick()
+    assert len(lines) == 1  # the next one is due 5 s after the first
+    clock.now += 2
+    progress.tick()
+    assert lines[1] == ("waiting for the broker: us token request to "
+                        "https://openapi.koreainvestment.com:9443/oauth2/tokenP (7 s)")
+    watch.current = ("GET", "https://user:pw@broker.example/")
+    assert Progress("KR", "approval key", watch, lines.append, clock=clock).line(3.2) == (
+        "waiting for the broker: kr clock reading to https://user:***@broker.example/ (3 s)")
+
+
+@pytest.mark.parametrize(("verbose", "quiet", "tty", "shown"), [
+    (0, False, False, False), (1, False, False, True), (0, False, True, True), (2, True, True, False),
+])
+def test_the_progress_line_is_shown_on_a_terminal_or_with_v_never_with_q(verbose, quiet, tty, shown):
+    from common.cli.progress import wanted
+
+    class Stream:
+        def isatty(self) -> bool:
+            return tty
+
+    assert wanted(verbose, quiet, Stream()) is shown
+
+
+def test_a_slow_renewal_says_what_it_waits_for_on_stderr_with_v(us, clock, monkeypatch, capsys):
+    import threading
+
+    from common.cli import progress
+
+    written = threading.Event()
+    write = progress.write_stderr
+
+    def spy(line: str) -> None:
+        write(line)
+        if "waiting for the broker" in line:
+            written.set()
+
+    monkeypatch.setattr(progress, "PROGRESS_AFTER", 0.0)  # no waiting for the threshold in a test
+    monkeypatch.setattr(progress, "PROGRESS_EVERY", 0.01)
+    monkeypatch.setattr(progress, "POLL", 0.01)
+    monkeypatch.setattr(progress, "write_stderr", spy)
+
+    def slow_broker(request):
+        assert written.wait(10), "no progress line while the request was under way"
+        return 200, {}, json.dumps(token_answer(fake_token(1), clock() + DAY))
+
+    with responses.RequestsMock() as mock:
+        mock.add_callback(responses.POST, TOKEN_URL, callback=slow_broker)
+        assert cli(us, "-v", "get") == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == fake_token(1)
+    assert f"waiting for the broker: us token request to {TOKEN_URL} (" in captured.err
+    assert us.session is None  # the manager's own session is given back
+
+
+def test_no_progress_line_without_v_off_a_terminal(us, clock, monkeypatch, capsys):
+    from common.cli import progress
+
+    def never(*args, **kwargs):
+        raise AssertionError("the progress watcher was started")
+
+    monkeypatch.setattr(progress, "watching", never)
+    with responses.RequestsMock() as mock:
+        mock.post(TOKEN_URL, json=token_answer(fake_token(1), clock() + DAY))
+        assert cli(us, "get") == 0  # capsys: stderr is not a terminal
+    assert "waiting for" not in capsys.readouterr().err

@@ -23,6 +23,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from common.cli import progress
 from common.clock import format_duration
 from common.errors import ConfigError, CredentialsError, DirectoryError, KISTokenError, StoreError
 from common.settings import ENV_VAR, LOG_LEVEL_VAR, TOKEN_DIR_VAR
@@ -31,6 +32,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 CHECK_EXIT = {"ok": 0, "renewal_due": 1, "missing": 2, "expired": 2}
 #: ``check`` exit code for a configuration or any other error (Nagios UNKNOWN).
 CHECK_UNKNOWN = 3
+#: The commands that may send a request (and wait for it): a slow one says so (``common.cli.progress``).
+_MAY_REQUEST = frozenset({"get", "approval", "refresh", "warmup", "revoke"})
 #: Errors writing stdout that mean the output is lost, not that the command failed to work.
 _OUTPUT_LOST = frozenset({errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EIO})
 __all__ = [
@@ -109,6 +112,10 @@ def _main(
         manager = manager_factory()
         configure_logging(args.verbose, args.quiet, getattr(manager, "settings", None))
         check_configuration(manager)
+        if args.command in _MAY_REQUEST and progress.wanted(args.verbose, args.quiet):
+            credential = "approval key" if args.command == "approval" else "token"
+            with progress.watching(manager, market, credential):
+                return args.run(manager, args)
         return args.run(manager, args)
     except KeyboardInterrupt:
         return 130
