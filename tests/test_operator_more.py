@@ -263,3 +263,18 @@ def test_no_progress_line_without_v_off_a_terminal(us, clock, monkeypatch, capsy
         mock.post(TOKEN_URL, json=token_answer(fake_token(1), clock() + DAY))
         assert cli(us, "get") == 0  # capsys: stderr is not a terminal
     assert "waiting for" not in capsys.readouterr().err
+
+
+# -- 4. docstrings say the fact, not where a file outside the repository says it --------------------
+
+
+def test_no_source_file_cites_a_document_that_is_not_in_the_repository():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    for package in ("common", "us", "kr", "kis_token", "bench"):
+        for path in (repo / package).rglob("*.py"):
+            text = path.read_text(encoding="utf-8")
+            for cited in ("SPEC §", "SPEC.md", "KIS_FACTS"):
+                assert cited not in text, f"{path.relative_to(repo)} cites {cited}"
+    assert not (repo / "SPEC.md").exists() and not (repo / "KIS_FACTS.md").exists()

@@ -19,9 +19,9 @@ bot's directory), every file is handed to the directory's owner; any other user 
 owner is refused before a request is sent. A file that cannot be read for lack of permission is an
 error naming the file and its owner, never a missing token. Nothing is ever unpickled.
 
-Nothing here trusts what it finds at a name (SPEC §12): every file is opened without following a
-symbolic link and without blocking (``common.store.fs``), and used only if ``fstat`` says it is a regular
-file of at most :data:`MAX_FILE_SIZE` bytes; anything else (a link, a FIFO, a directory, a 2 GB
+Nothing here trusts what it finds at a name (another user, or a crash, may have left anything
+there): every file is opened without following a symbolic link and without blocking
+(``common.store.fs``), and used only if ``fstat`` says it is a regular file of at most :data:`MAX_FILE_SIZE` bytes; anything else (a link, a FIFO, a directory, a 2 GB
 file) is a one-line warning and a miss, never a hang. Ownership is changed only on an open
 descriptor (``fchown``), never on a path, so a link swapped in by the directory's owner never hands
 root's files to it. The lock file is opened the same way (never truncated) and locked with

@@ -1,4 +1,4 @@
-"""The Redis/Valkey backend of the store (several hosts on one app key, SPEC §10).
+"""The Redis/Valkey backend of the store (several hosts on one app key).
 
 ``KIS_TOKEN_STORE=redis://[user:password@]host[:port][/db]`` (or ``rediss://`` for TLS, or
 ``unix:///path/to/socket``) names the server. Per key (``<id>`` is :attr:`Credential.key_id`, e.g.

@@ -1,5 +1,5 @@
 """Which store holds a key's token: the token directory (one host) or a Redis/Valkey server that
-several hosts share (``KIS_TOKEN_STORE``, SPEC §10). redis is imported only for the latter."""
+several hosts share (``KIS_TOKEN_STORE``). redis is imported only for the latter."""
 
 from __future__ import annotations
 
