@@ -22,10 +22,11 @@ error naming the file and its owner, never a missing token. Nothing is ever unpi
 Nothing here trusts what it finds at a name (another user, or a crash, may have left anything
 there): every file is opened without following a symbolic link and without blocking
 (``common.store.fs``), and used only if ``fstat`` says it is a regular file of at most
-:data:`MAX_FILE_SIZE` bytes; anything else (a link, a FIFO, a directory, a 2 GB file) is a one-line warning and a miss, never a hang. Ownership is changed only on an open
-descriptor (``fchown``), never on a path, so a link swapped in by the directory's owner never hands
-root's files to it. The lock file is opened the same way (never truncated) and locked with
-``flock``. The temp-file sweep removes only the package's own temp files.
+:data:`MAX_FILE_SIZE` bytes; anything else (a link, a FIFO, a directory, a 2 GB file) is a
+one-line warning and a miss, never a hang. Ownership is changed only on an open descriptor
+(``fchown``), never on a path, so a link swapped in by the directory's owner never hands root's
+files to it. The lock file is opened the same way (never truncated) and locked with ``flock``.
+The temp-file sweep removes only the package's own temp files.
 """
 
 from __future__ import annotations
