@@ -430,6 +430,7 @@ def test_pyproject_lists_every_package_and_the_console_script():
 # -- a plain install into a fresh virtual environment ---------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.install
 def test_plain_install_into_a_fresh_venv_runs_kis_token_from_anywhere(tmp_path):
     source = tmp_path / "source"

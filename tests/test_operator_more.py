@@ -278,3 +278,20 @@ def test_no_source_file_cites_a_document_that_is_not_in_the_repository():
             for cited in ("SPEC §", "SPEC.md", "KIS_FACTS"):
                 assert cited not in text, f"{path.relative_to(repo)} cites {cited}"
     assert not (repo / "SPEC.md").exists() and not (repo / "KIS_FACTS.md").exists()
+
+
+# -- 8. the test command stays short; the slow tests still run in CI ----------------------------------
+
+
+def test_slow_tests_are_left_out_of_the_plain_run_and_ci_runs_them():
+    import tomllib
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    options = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "-m 'not slow'" in options["addopts"] and any(m.startswith("slow:") for m in options["markers"])
+    ci = [line.split("#")[0].strip() for line in (repo / ".ci" / "run").read_text().splitlines()]
+    assert "python -m pytest" in ci and "python -m pytest -m slow" in ci
+    for name in ("test_bench.py", "test_bench_faults.py", "test_bench_redis_store.py", "test_cli_newcomer.py"):
+        assert "@pytest.mark.slow" in (repo / "tests" / name).read_text(), name
+    assert "python -m pytest -m slow" in (repo / "README.md").read_text()

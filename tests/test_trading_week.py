@@ -41,10 +41,6 @@ def test_the_script_prints_issuances_per_key_and_passes():
     lines = result.stdout.splitlines()
     assert any(line.startswith("one key in both markets") and " shared " in line for line in lines)
     assert sum(line.startswith("two keys") for line in lines) == 2
-
-
-def test_the_printed_header_lines_up_with_its_columns():
-    result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120)
     header, *rows = [line for line in result.stdout.splitlines() if not line.startswith("budget")]
     assert len(rows) == 3
     # every heading ends where its numbers end, and each text column starts where its heading starts
