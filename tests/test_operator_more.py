@@ -292,6 +292,8 @@ def test_slow_tests_are_left_out_of_the_plain_run_and_ci_runs_them():
     assert "-m 'not slow'" in options["addopts"] and any(m.startswith("slow:") for m in options["markers"])
     ci = [line.split("#")[0].strip() for line in (repo / ".ci" / "run").read_text().splitlines()]
     assert "python -m pytest" in ci and "python -m pytest -m slow" in ci
-    for name in ("test_bench.py", "test_bench_faults.py", "test_bench_redis_store.py", "test_cli_newcomer.py"):
+    slow_files = ("test_bench.py", "test_bench_faults.py", "test_bench_redis_store.py",
+                  "test_cli_newcomer.py")
+    for name in slow_files:
         assert "@pytest.mark.slow" in (repo / "tests" / name).read_text(), name
     assert "python -m pytest -m slow" in (repo / "README.md").read_text()
