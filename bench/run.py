@@ -1,4 +1,6 @@
-"""Benchmarks that prove SPEC §9's budgets: ``python bench/run.py [--quick]``.
+"""Benchmarks of the package's budgets (a fresh ``get_valid_token()`` in microseconds, ``check``
+close to the interpreter's start, one token request per key from 16 cold processes, a renewal
+seen by every host within a second): ``python bench/run.py [--quick]``.
 
 Standard library plus the package. It starts the local broker stand-in (``python -m
 common.sandbox``) as a subprocess on 127.0.0.1, works in a temporary directory, bounds every wait,

@@ -97,7 +97,7 @@ def run(ctx: Context) -> list[str]:
         *table(["app keys", "N per market", "processes", "token requests at the broker per app key",
                 "queued on the lock (US / KR)", "wall time to all tokens (s)",
                 "same token in every process of a key", "failed"], rows, "lrrllrlr"),
-        "Target: 1 token request per app key per run (SPEC §9: 16 processes from cold): 1 / 1 with two "
+        "Target: 1 token request per app key per run (16 processes from cold): 1 / 1 with two "
         "keys, 1 with one key in both markets.",
         "",
     ]

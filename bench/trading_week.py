@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -175,12 +176,30 @@ def run(ctx: Any) -> list[str]:
     return lines
 
 
+#: The printed table's columns (numbers are right-aligned under their heading).
+HEADER = ("setup", "key", "issuances", "requests", "dying tokens served")
+
+
+def format_table(header: Sequence[str], table: Sequence[Sequence[object]]) -> list[str]:
+    """``header`` and ``table`` as aligned text lines: each column as wide as its widest cell, text
+    left-aligned, numbers right-aligned (their heading too), two spaces between columns."""
+    cells = [[str(cell) for cell in row] for row in table]
+    numeric = [all(isinstance(row[i], int) for row in table) for i in range(len(header))]
+    widths = [max(len(text) for text in [name, *(row[i] for row in cells)]) for i, name in enumerate(header)]
+
+    def line(row: Sequence[str]) -> str:
+        parts = [text.rjust(width) if right else text.ljust(width)
+                 for text, width, right in zip(row, widths, numeric, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    return [line(header), *(line(row) for row in cells)]
+
+
 def main() -> int:
     """Play both setups and print one table; 0 if every key stays within the budget."""
     table, ok = rows()
-    print(f"{'setup':<26} {'key':<8} {'issuances':>9} {'requests':>8}  dying tokens served")
-    for name, key, issued, asked, dying in table:
-        print(f"{name:<26} {key:<8} {issued:>9} {asked:>8}  {dying}")
+    for line in format_table(HEADER, table):
+        print(line)
     print(f"budget: at most {MAX_ISSUANCES} issuances per key per week; no token served with "
           f"{MARGIN / 60:.0f} min or less left")
     return 0 if ok else 1

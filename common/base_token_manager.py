@@ -226,9 +226,12 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
     def delete_token(self) -> list[str]:
         """Remove the key's token, this market's story files, and any other market's that mirror the
         key's token (so that the deleted token never comes back from a copy); return the paths removed."""
+        return self._delete("deleted")
+
+    def _delete(self, how: str) -> list[str]:
         engine, _, story = self._wired()
         try:
-            removed = engine.forget()
+            removed = engine.forget(how)
         finally:
             mirrored = story.delete()
         return removed + mirrored
@@ -328,7 +331,7 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
             if record is None:
                 raise TokenUnavailableError(f"no {self.market} token to revoke")
             kind.revoke(record)
-            return self.delete_token()
+            return self._delete("revoked")
 
     def create_broker(self, acc_no: str | None = None, **kwargs: Any) -> Any:
         """A mojito2 ``KoreaInvestment`` for this market that runs on the managed token (``acc_no``

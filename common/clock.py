@@ -12,7 +12,8 @@ from datetime import datetime, timedelta, timezone
 
 #: Times outside 2000-01-01 .. 2100-01-01 UTC are garbage, not times (stored records, states, headers).
 EARLIEST, LATEST = 946684800.0, 4102444800.0
-#: The broker states expiries in Korea time without a zone designator (KIS_FACTS.md).
+#: The broker states expiries in Korea time (UTC+9, no daylight saving) without a zone designator
+#: (``access_token_token_expired``: ``2026-11-25 08:00:00``).
 KST = timezone(timedelta(hours=9), "KST")
 
 

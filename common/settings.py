@@ -228,7 +228,7 @@ def _check_url(name: str, value: str) -> str:
     return value.rstrip("/")
 
 
-# -- the shared token store (several hosts, SPEC §10) -------------------------------------------------
+# -- the shared token store (several hosts on one app key) ---------------------------------------------
 
 TOKEN_STORE_VAR = "KIS_TOKEN_STORE"
 STORE_SCHEMES = ("redis", "rediss", "unix")

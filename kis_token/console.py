@@ -10,7 +10,8 @@
 ``status`` exits with the worse of the two markets' ``check`` codes (Nagios: 0 OK, 1 WARNING,
 2 CRITICAL, 3 UNKNOWN, the worst). A token that both markets share (one app key for both, the
 usual case) is marked ``shared``. Like ``check`` it never prints a full token, and it sends no
-request to the broker.
+request to the broker. Beside each market's token it shows the last failure that stands in the way
+of the next renewal: the broker's refusal code, an unreachable broker (its URL), or a store problem.
 """
 
 from __future__ import annotations
@@ -174,14 +175,16 @@ def _market_info(market: str, settings: Any, problem: str | None) -> dict[str, A
         except Exception as exc:  # a configuration error, an unreadable file, a bug: UNKNOWN
             problem = describe_error(exc, manager)[0]
     info = unknown_info(manager, market, problem)
-    info.update(issued_at=None, expires_at=None, seconds_left=None, token=None, key_fingerprint=None)
+    info.update(issued_at=None, expires_at=None, seconds_left=None, token=None, key_fingerprint=None,
+                last_failure=None)
     info["exit"] = CHECK_UNKNOWN
     return info
 
 
 def render_table(report: dict[str, Any]) -> str:
-    """The ``status`` table: one row per market, then a note on a shared token."""
-    header = ("MARKET", "ENV", "KEY", "STATE", "EXPIRES", "LEFT", "TOKEN")
+    """The ``status`` table: one row per market, then a note on a shared token. A ``LAST FAILURE``
+    column is added when a market has one (see :func:`common.cli.report.last_failure`)."""
+    header = ("MARKET", "ENV", "KEY", "STATE", "EXPIRES", "LEFT", "TOKEN", "LAST FAILURE")
     rows = [header]
     for market, info in report["markets"].items():
         left = info["seconds_left"]
@@ -194,8 +197,11 @@ def render_table(report: dict[str, Any]) -> str:
             info["expires_at"] or "-",
             "-" if left is None else format_duration(left),
             f"{token} (shared)" if info["shared"] else token,
+            _failure(info),
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    if all(row[-1] == "-" for row in rows[1:]):  # nothing in the way: no column for it
+        rows = [row[:-1] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
              for row in rows]
     if report["shared"]:
@@ -203,6 +209,15 @@ def render_table(report: dict[str, Any]) -> str:
     clocks = {info.get("clock") for info in report["markets"].values()} - {None}
     lines.extend(f"clock: {text}" for text in sorted(clocks))
     return "\n".join(lines)
+
+
+def _failure(info: dict[str, Any]) -> str:
+    """The status table's ``LAST FAILURE`` cell: what stands in the way of the market's next renewal."""
+    failure = info.get("last_failure")
+    if failure is None:
+        return "-"
+    when = failure["at"]
+    return f"{failure['summary']} ({when[:16].replace('T', ' ')})" if when else failure["summary"]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -185,3 +185,73 @@ def sandbox_process() -> Iterator[SandboxProcess]:
     """A sandbox in a separate process (so that tests may fork without a server thread)."""
     with SandboxProcess() as server:
         yield server
+
+
+#: What Windows lacks of the calls the token directory relies on (``os`` names; plus ``fcntl.flock``,
+#: ``pwd`` and ``grp``): tests marked ``windows_shaped`` run with them taken away.
+WINDOWS_MISSING_OS = ("geteuid", "getuid", "getegid", "getgid", "fchown", "fchmod", "chown", "mkfifo",
+                      "O_NOFOLLOW", "O_NONBLOCK", "O_DIRECTORY")
+
+
+class FakeMsvcrt:
+    """Stands in for Windows' ``msvcrt`` (absent here): ``locking`` with Windows' answers (``EACCES``
+    when another handle holds the bytes), on ``flock`` of the open file (per handle, as on Windows).
+
+    Attributes:
+        calls: ``(mode, position)`` of every ``locking`` call.
+    """
+
+    LK_UNLCK, LK_LOCK, LK_NBLCK = 0, 1, 2
+
+    def __init__(self, flock) -> None:
+        self._flock = flock
+        self.calls: list[tuple[int, int]] = []
+
+    def locking(self, fd: int, mode: int, nbytes: int) -> None:
+        import errno
+        import fcntl
+        import os
+
+        self.calls.append((mode, os.lseek(fd, 0, os.SEEK_CUR)))
+        if mode == self.LK_UNLCK:
+            self._flock(fd, fcntl.LOCK_UN)
+            return
+        try:
+            self._flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OSError(errno.EACCES, "Permission denied") from None
+
+
+@pytest.fixture(autouse=True)
+def _windows_shaped_marker(request):
+    """Tests marked ``windows_shaped`` get the :func:`windows_shaped` fixture."""
+    if request.node.get_closest_marker("windows_shaped") is not None:
+        request.getfixturevalue("windows_shaped")
+
+
+@pytest.fixture
+def windows_shaped(monkeypatch, tmp_path) -> FakeMsvcrt:
+    """Run as on Windows: no user ids, ownership or modes on descriptors, no ``pwd``/``grp``, no
+    no-follow or non-blocking opens, no FIFOs, no directory fsync, no ``flock`` (locks go through
+    ``msvcrt.locking``, faked here). ``tmp_path`` is made first (pytest itself asks for the uid)."""
+    import fcntl
+    import os
+    import types
+
+    from common.store import fs
+
+    msvcrt = FakeMsvcrt(fcntl.flock)
+    module = types.ModuleType("msvcrt")
+    module.LK_UNLCK, module.LK_LOCK, module.LK_NBLCK = msvcrt.LK_UNLCK, msvcrt.LK_LOCK, msvcrt.LK_NBLCK
+    module.locking = msvcrt.locking
+    monkeypatch.setitem(sys.modules, "msvcrt", module)
+    for name in WINDOWS_MISSING_OS:
+        monkeypatch.delattr(os, name, raising=False)
+    monkeypatch.delattr(fcntl, "flock")
+    monkeypatch.setitem(sys.modules, "pwd", None)  # `import pwd` raises ImportError
+    monkeypatch.setitem(sys.modules, "grp", None)
+    monkeypatch.setattr(fs, "NOFOLLOW", 0)
+    monkeypatch.setattr(fs, "NONBLOCK", 0)
+    monkeypatch.setattr(fs, "READ", os.O_RDONLY | fs.CLOEXEC)
+    monkeypatch.setattr(fs, "LOCK", os.O_RDWR | os.O_CREAT | fs.CLOEXEC)
+    return msvcrt

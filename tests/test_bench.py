@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_benchmark_quick_run_prints_every_section():
     result = subprocess.run([sys.executable, "bench/run.py", "--quick"], cwd=REPO, capture_output=True,
                             text=True, timeout=300)

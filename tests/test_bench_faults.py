@@ -15,6 +15,7 @@ HEADER = ("| fault | kind | processes | token requests at the broker | faulted a
           "unusable tokens printed | broken files | hangs | worst get (s) |")
 
 
+@pytest.mark.slow
 def test_faults_section_quick_run_prints_a_row_per_fault(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     quick_faults = [fault for fault in importlib.import_module("faults").FAULTS if not fault.timed]

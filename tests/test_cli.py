@@ -111,7 +111,8 @@ def test_refresh_answered_with_the_same_token_is_success(us, clock, capsys):
     record = seed(us, clock, left=22 * 3600)
     responses.post(TOKEN_URL, json=token_answer(fake_token(1), record.expires_at))
     assert run(us, "refresh") == 0
-    assert "unchanged (the broker re-sends the same token" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "not renewed: the broker re-sent the same token" in out and "still valid until" in out
 
 
 @responses.activate

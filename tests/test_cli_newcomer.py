@@ -430,6 +430,7 @@ def test_pyproject_lists_every_package_and_the_console_script():
 # -- a plain install into a fresh virtual environment ---------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.install
 def test_plain_install_into_a_fresh_venv_runs_kis_token_from_anywhere(tmp_path):
     source = tmp_path / "source"
@@ -437,7 +438,7 @@ def test_plain_install_into_a_fresh_venv_runs_kis_token_from_anywhere(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
     for name in ("pyproject.toml", "README.md", "kis_token_guard.py"):
         shutil.copy2(REPO / name, source / name)
-    for package in ("common", "us", "kr", "kis_token"):
+    for package in ("common", "us", "kr", "kis_token", "tools"):
         shutil.copytree(REPO / package, source / package, ignore=ignore)
     venv = tmp_path / "venv"
     pip_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
@@ -447,6 +448,9 @@ def test_plain_install_into_a_fresh_venv_runs_kis_token_from_anywhere(tmp_path):
         capture_output=True, text=True, timeout=300, env=pip_env, cwd=tmp_path,
     )
     assert installed.returncode == 0, installed.stderr[-2000:]
+    left = sorted(path.name for path in source.iterdir()
+                  if path.name == "build" or path.name.endswith(".egg-info"))
+    assert left == [], f"pip install left {left} in the checkout"
     shutil.rmtree(source)  # the installed copy must not need its source
 
     elsewhere = tmp_path / "elsewhere"

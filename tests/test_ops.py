@@ -383,7 +383,7 @@ def assert_check_schema(info: dict[str, Any]) -> None:
         "schema", "market", "environment", "key_fingerprint", "status", "present", "valid", "issued_at",
         "approval",
         "expires_at", "seconds_left", "token", "renewal_window_seconds", "last_renewal", "files", "store",
-        "clock_offset_seconds", "clock", "daily_limit", "issued_24h", "problem",
+        "clock_offset_seconds", "clock", "daily_limit", "issued_24h", "problem", "removed", "last_failure",
     }
     assert info["problem"] is None
     assert type(info["clock_offset_seconds"]) is int and info["clock"] is None
@@ -403,6 +403,12 @@ def assert_check_schema(info: dict[str, Any]) -> None:
         assert set(last) == {"outcome", "at", "code", "message"}
         assert isinstance(last["outcome"], str) and isinstance(last["at"], str)
         assert isinstance(last["code"], optional_str) and isinstance(last["message"], optional_str)
+    failure = info["last_failure"]
+    if failure is not None:
+        assert set(failure) == {"kind", "at", "code", "message", "summary"}
+        assert failure["kind"] in ("refused", "failed", "store") and isinstance(failure["summary"], str)
+    removed = info["removed"]
+    assert removed is None or (set(removed) == {"how", "at"} and removed["how"] in ("deleted", "revoked"))
     approval = info["approval"]
     if approval is not None:
         assert set(approval) == {"key", "issued_at", "age_seconds", "valid"}

@@ -41,3 +41,12 @@ def test_the_script_prints_issuances_per_key_and_passes():
     lines = result.stdout.splitlines()
     assert any(line.startswith("one key in both markets") and " shared " in line for line in lines)
     assert sum(line.startswith("two keys") for line in lines) == 2
+    header, *rows = [line for line in result.stdout.splitlines() if not line.startswith("budget")]
+    assert len(rows) == 3
+    # every heading ends where its numbers end, and each text column starts where its heading starts
+    for name in ("issuances", "requests", "dying tokens served"):
+        end = header.index(name) + len(name)
+        assert all(row[end - 1].isdigit() and (len(row) == end or row[end] == " ") for row in rows), name
+    for name in ("setup", "key"):
+        start = header.index(name)
+        assert all(row[start] != " " and (start == 0 or row[start - 1] == " ") for row in rows), name

@@ -23,6 +23,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from common.cli import progress
 from common.clock import format_duration
 from common.errors import ConfigError, CredentialsError, DirectoryError, KISTokenError, StoreError
 from common.settings import ENV_VAR, LOG_LEVEL_VAR, TOKEN_DIR_VAR
@@ -31,6 +32,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 CHECK_EXIT = {"ok": 0, "renewal_due": 1, "missing": 2, "expired": 2}
 #: ``check`` exit code for a configuration or any other error (Nagios UNKNOWN).
 CHECK_UNKNOWN = 3
+#: The commands that may send a request (and wait for it): a slow one says so (``common.cli.progress``).
+_MAY_REQUEST = frozenset({"get", "approval", "refresh", "warmup", "revoke"})
 #: Errors writing stdout that mean the output is lost, not that the command failed to work.
 _OUTPUT_LOST = frozenset({errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EIO})
 __all__ = [
@@ -109,6 +112,10 @@ def _main(
         manager = manager_factory()
         configure_logging(args.verbose, args.quiet, getattr(manager, "settings", None))
         check_configuration(manager)
+        if args.command in _MAY_REQUEST and progress.wanted(args.verbose, args.quiet):
+            credential = "approval key" if args.command == "approval" else "token"
+            with progress.watching(manager, market, credential):
+                return args.run(manager, args)
         return args.run(manager, args)
     except KeyboardInterrupt:
         return 130
@@ -321,11 +328,8 @@ def _check(manager, args: argparse.Namespace) -> int:
         print(f"  issued:   {info['issued_at']}")
         print(f"  expires:  {info['expires_at']} ({_left(info['seconds_left'])})")
         print(f"  token:    {info['token']}")
-    last = info["last_renewal"]
-    if last is not None:
-        last_code = f" {last['code']}" if last["code"] else ""
-        detail = f": {last['message']}" if last["message"] else ""
-        print(f"  last renewal: {last['outcome']}{last_code} at {last['at']}{detail}")
+    for line in _renewal_lines(info):
+        print(f"  {line}")
     approval = info["approval"]
     if approval is not None:
         age = format_duration(approval["age_seconds"])
@@ -344,6 +348,28 @@ def _check(manager, args: argparse.Namespace) -> int:
     print(f"  issued:   {info['files']['issued_at']}")
     print(f"  mojito:   {info['files']['mojito']}")
     return code
+
+
+def _renewal_lines(info: dict) -> list[str]:
+    """``check``'s lines on what stands in the way of the next renewal and on the last one; a
+    renewal the token's deletion or revocation undid is not shown as the last."""
+    lines = []
+    failure, last, removed = info["last_failure"], info["last_renewal"], info["removed"]
+    if failure is not None:
+        when = f" at {failure['at']}" if failure["at"] else ""
+        detail = failure["message"] or ""
+        detail = f": {detail}" if detail and detail not in failure["summary"] else ""
+        lines.append(f"last failure: {failure['summary']}{when}{detail}")
+    if removed is not None:
+        before = ""
+        if last is not None and last["outcome"] in ("renewed", "same_token"):
+            before = f" (before it: {last['outcome']} at {last['at']})"
+        lines.append(f"last renewal: none since the token was {removed['how']} at {removed['at']}{before}")
+    elif last is not None and (failure is None or failure["kind"] == "store"):
+        last_code = f" {last['code']}" if last["code"] else ""
+        detail = f": {last['message']}" if last["message"] else ""
+        lines.append(f"last renewal: {last['outcome']}{last_code} at {last['at']}{detail}")
+    return lines
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -377,10 +403,14 @@ def _refresh(manager, args: argparse.Namespace) -> int:
         return code
     now = manager.now()
     if before is not None and before.access_token == record.access_token:
-        what = "unchanged (the broker re-sends the same token within 6 h of issuing one)"
+        from common.clock import to_kst_iso
+        from common.credentials.records import mask_token
+
+        _say(args, f"{args.market} token not renewed: the broker re-sent the same token "
+                   f"{mask_token(record.access_token)} (it does so within 6 h of issuing one); still valid "
+                   f"until {to_kst_iso(record.expires_at)} ({_left(record.seconds_left(now))})")
     else:
-        what = "renewed"
-    _say(args, f"{args.market} token {what}: {_summary(record, now)}")
+        _say(args, f"{args.market} token renewed: {_summary(record, now)}")
     return EXIT_OK
 
 

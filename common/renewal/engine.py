@@ -319,10 +319,11 @@ class RenewalEngine(Generic[R]):
             self._copies.publish(record, locked)
         return record
 
-    def forget(self) -> list[str]:
+    def forget(self, how: str = "deleted") -> list[str]:
         """Remove the stored record and the one in memory; return what was removed.
 
-        Files an older version left are closed too, so that the deleted token never comes back.
+        Files an older version left are closed too, so that the deleted token never comes back; the
+        state remembers when and ``how`` (``deleted``, ``revoked``), for ``check``.
         """
         with self.hold(self.windows.lock_wait):
             try:
@@ -331,9 +332,14 @@ class RenewalEngine(Generic[R]):
                 self._signature = None
                 self._set(None, self._clock())
                 state = self.load_state()
-                if not state.legacy_closed:
-                    state.legacy_closed = True
+                closing = not state.legacy_closed
+                state.legacy_closed = True
+                state.removed_at, state.removed_by = self._clock(), how
+                try:
                     self.store.state.save(state)
+                except StoreError:
+                    if closing:  # the left-over files must stay closed: say it
+                        raise
 
     def _sync(self, force: bool = False, locked: bool = False) -> None:
         """Reload the record if the store changed since it was last read.

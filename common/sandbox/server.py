@@ -1,6 +1,6 @@
 """A local stand-in for the KIS Open API's OAuth endpoints, for tests and demos.
 
-It answers on the broker's paths with the broker's JSON shapes (see KIS_FACTS.md):
+It answers on the broker's paths with the broker's JSON shapes:
 ``POST /oauth2/tokenP``, ``POST /oauth2/revokeP``, ``POST /oauth2/Approval`` and any
 ``/uapi/...`` path, which checks the bearer token like a protected endpoint does. The ``/uapi`` paths
 keep the broker's calls-per-second limit per app key (``EGW00201``, see :mod:`common.sandbox.rate`),

@@ -15,13 +15,14 @@ bot's directory), every file is handed to the directory's owner; any other user 
 owner is refused before a request is sent. A file that cannot be read for lack of permission is an
 error naming the file and its owner, never a missing token. Nothing is ever unpickled.
 
-Nothing here trusts what it finds at a name: every file is opened without following a
-symbolic link and without blocking (``common.store.fs``), and used only if ``fstat`` says it is a regular
-file of at most :data:`MAX_FILE_SIZE` bytes; anything else (a link, a FIFO, a directory, a 2 GB
-file) is a one-line warning and a miss, never a hang. Ownership is changed only on an open
-descriptor (``fchown``), never on a path, so a link swapped in by the directory's owner never hands
-root's files to it. The lock file is opened the same way (never truncated) and locked with
-``flock``. The temp-file sweep removes only the package's own temp files.
+Nothing here trusts what it finds at a name (another user, or a crash, may have left anything
+there): every file is opened without following a symbolic link and without blocking
+(``common.store.fs``), and used only if ``fstat`` says it is a regular file of at most
+:data:`MAX_FILE_SIZE` bytes; anything else (a link, a FIFO, a directory, a 2 GB file) is a
+one-line warning and a miss, never a hang. Ownership is changed only on an open descriptor
+(``fchown``), never on a path, so a link swapped in by the directory's owner never hands root's
+files to it. The lock file is opened the same way (never truncated) and locked with ``flock``.
+The temp-file sweep removes only the package's own temp files.
 """
 
 from __future__ import annotations
@@ -388,7 +389,7 @@ def check_directory_mode(directory: Path, st: os.stat_result | None = None) -> N
         except OSError:
             return  # not there yet: prepare_directory checks it when it makes it
     _checked_directories.add(key)
-    if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022:
+    if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o022 and fs.has_permission_bits():
         _log.warning("the token directory %s can be written by %s (mode %04o): another user could plant "
                      "files in it; chmod 700 it", directory,
                      "group and others" if st.st_mode & 0o002 else "its group", stat.S_IMODE(st.st_mode))
@@ -500,7 +501,7 @@ def atomic_write(path: Path, text: str, mode: int, what: str = "") -> None:
                       else exc.strerror or exc)
             raise StoreError(f"cannot write {what or path}: {reason}") from None
         raise
-    _fsync_directory(path.parent)
+    fs.fsync_directory(path.parent)
 
 
 def _owner_name(path: Path) -> str:
@@ -508,18 +509,4 @@ def _owner_name(path: Path) -> str:
         uid = os.lstat(path).st_uid
     except OSError:
         return "another user"
-    try:
-        import pwd
-
-        return pwd.getpwuid(uid).pw_name
-    except (ImportError, KeyError):
-        return f"uid {uid}"
-
-
-def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | fs.CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    return fs.owner_name(uid)

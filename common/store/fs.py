@@ -7,7 +7,12 @@ flag is 0, ``fchown``/``fchmod`` are skipped, there is no root, and the lock fal
 * :func:`open_regular`: open a token-directory file without following a symbolic link, without
   blocking on a FIFO, and refuse anything but a regular file (of at most a given size);
 * :func:`is_root`, :func:`give_to`, :func:`set_mode`: ownership and mode, on open descriptors only;
-* :func:`try_lock`, :func:`unlock`: an exclusive, non-blocking lock on an open descriptor (``flock``).
+* :func:`try_lock`, :func:`unlock`: an exclusive, non-blocking lock on an open descriptor (``flock``);
+* :func:`owner_name`, :func:`fsync_directory`, :func:`has_permission_bits`: the owner's name (``pwd``),
+  a directory's fsync (``O_DIRECTORY``) and whether modes mean anything here.
+
+Each looks for the call when it is made (not at import), so that a test can take them away as
+Windows lacks them (``tests/test_windows_shaped.py``).
 """
 
 from __future__ import annotations
@@ -141,6 +146,37 @@ def is_root() -> bool:
     return effective_uid() == 0
 
 
+def has_permission_bits() -> bool:
+    """True where a file's mode bits control who may read it (POSIX); False on Windows, where
+    ``os.chmod`` only sets the read-only flag and ``st_mode`` says nothing about other users."""
+    return getattr(os, "fchmod", None) is not None
+
+
+def owner_name(uid: int) -> str:
+    """The user name of ``uid`` (``uid 1000`` where it is unknown or there is no ``pwd``)."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError, AttributeError):
+        return f"uid {uid}"
+
+
+def fsync_directory(directory: Path | str) -> None:
+    """Make a rename in ``directory`` durable (fsync of the directory); skipped where a directory
+    cannot be opened (Windows, which has no ``O_DIRECTORY``: NTFS journals the rename itself);
+    an error is ignored (the rename itself has happened)."""
+    directory_flag = getattr(os, "O_DIRECTORY", None)
+    if directory_flag is None:
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | directory_flag | CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def give_to(fd: int, uid: int, gid: int) -> None:
     """``fchown`` the open file ``fd`` (skipped where there is no ``fchown``)."""
     fchown = getattr(os, "fchown", None)
@@ -165,9 +201,10 @@ def try_lock(fd: int) -> bool:
     Raises:
         OSError: the file cannot be locked at all (e.g. ``ENOLCK``).
     """
-    if fcntl is not None:
+    flock = getattr(fcntl, "flock", None)
+    if flock is not None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
                 return False
@@ -175,6 +212,7 @@ def try_lock(fd: int) -> bool:
         return True
     import msvcrt  # type: ignore[import-not-found,unused-ignore]
 
+    os.lseek(fd, 0, os.SEEK_SET)  # msvcrt locks bytes from the file position: always the first
     try:
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined,unused-ignore]
     except OSError as exc:
@@ -186,8 +224,9 @@ def try_lock(fd: int) -> bool:
 
 def unlock(fd: int) -> None:
     """Release the lock :func:`try_lock` took on ``fd`` (closing ``fd`` releases it too)."""
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+    flock = getattr(fcntl, "flock", None)
+    if flock is not None:
+        flock(fd, fcntl.LOCK_UN)
         return
     import msvcrt  # type: ignore[import-not-found,unused-ignore]
 

@@ -34,6 +34,8 @@ _STATE_DEFAULTS: dict[str, Any] = {
     "alerts_sent": {},
     "legacy_closed": False,
     "issuances": [],
+    "removed_at": None,
+    "removed_by": None,
 }
 #: Issuances remembered for the daily budget: the last 24 h, at most this many.
 MAX_ISSUANCES = 1000
@@ -57,6 +59,8 @@ class RenewalState:
             left-over files are never taken up again (a deleted token must not come back).
         issuances: when the broker issued (or may have issued) a new credential, for the daily
             budget (the last 24 h; broker time).
+        removed_at: when the key's credential was last deleted or revoked (None: never).
+        removed_by: ``deleted`` or ``revoked`` (None: never).
 
     Every time is in the broker's time (``common.clock.BrokerClock``). A state that cannot be
     parsed, or whose times are not finite or out of range, is refused whole
@@ -114,7 +118,7 @@ def _same_kind(value: object, default: object, name: str) -> bool:
         return isinstance(value, bool)
     if name.endswith("_at"):
         return value is None or _is_time(value)
-    if name in ("last_outcome", "last_code", "last_message"):
+    if name in ("last_outcome", "last_code", "last_message", "removed_by"):
         return value is None or isinstance(value, str)
     if name == "issuances":
         return isinstance(value, list) and len(value) <= MAX_ISSUANCES and all(map(_is_time, value))
