@@ -1,10 +1,10 @@
 """The broker's calls-per-second limit per app key, as the sandbox keeps it on its REST paths.
 
-The broker's notice of 2026-04-20 (KIS_FACTS.md, "Per-key limits beyond the token") allows real
-accounts 18 REST calls a second and paper accounts 1, counted per app key; a call beyond that is
-answered ``EGW00201`` (HTTP 500, the usual envelope) and executes nothing. :class:`RestRateLimit`
-keeps that rule in a sliding one-second window measured where the calls arrive (the server), so a
-client that spaces its calls by the rate never sees ``EGW00201``, and one that bursts does.
+The broker's limits notice of 2026-04-20 allows real accounts 18 REST calls a second and paper
+accounts 1, counted per app key; a call beyond that is answered ``EGW00201`` (HTTP 500, the usual
+envelope) and executes nothing. :class:`RestRateLimit` keeps that rule in a sliding one-second
+window measured where the calls arrive (the server), so a client that spaces its calls by the rate
+never sees ``EGW00201``, and one that bursts does.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 #: The broker's rate for real accounts (calls a second per app key); paper accounts get 1.
 REAL_RATE = 18
 PAPER_RATE = 1
-#: The broker's answer to a call beyond the rate (KIS_FACTS.md, "Errors on ordinary API calls").
+#: The broker's answer to a call beyond the rate.
 EGW00201_STATUS = 500
 EGW00201_BODY: dict[str, str] = {
     "rt_cd": "1",

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Registrations a session may hold (KIS_FACTS.md: 41 in total across all products).
+#: Registrations a session may hold (the broker allows 41 in all, across every product).
 MAX_REGISTRATIONS = 41
 
 _NO_TR = ("(null)", "")
