@@ -1,5 +1,6 @@
 """A process that spends a key's call budget as fast as it can, for the multi-process budget tests and
-``bench/budgets.py``: ``python -m tests.budget_worker DIR KEY_ID RATE START DURATION [STORE_URL]``.
+``bench/budgets.py`` (with :func:`most_in_window`, which both use to judge the result):
+``python -m tests.budget_worker DIR KEY_ID RATE START DURATION [STORE_URL]``.
 
 It waits until the wall-clock time START (so that every worker begins together, however long each
 took to start), then calls ``acquire()`` until START + DURATION and prints, one a line, the
@@ -10,12 +11,19 @@ printed. Exit code 0, or 1 with the error on stderr.
 
 from __future__ import annotations
 
+import bisect
 import sys
 import time
 from pathlib import Path
 
 from common.budget import open_budget
 from common.settings import Settings
+
+
+def most_in_window(times: list[float], width: float = 1.0) -> int:
+    """The most of ``times`` in any closed window ``[t, t + width]``."""
+    ordered = sorted(times)
+    return max((bisect.bisect_right(ordered, t + width) - i for i, t in enumerate(ordered)), default=0)
 
 
 def spend(directory: Path, key_id: str, rate: float, start: float, duration: float,

@@ -4,7 +4,6 @@ the file backend, the Redis backend and its fallback, the async form, the timeou
 from __future__ import annotations
 
 import asyncio
-import bisect
 import itertools
 import logging
 import math
@@ -24,16 +23,11 @@ from common.budget.redis_backend import RedisBudget, SharedBudget, budget_key
 from common.errors import BudgetTimeoutError, ConfigError, StoreError
 from common.settings import Settings
 from common.store import redis_store
+from tests.budget_worker import most_in_window
 from tests.conftest import FakeClock, SleepRecorder
 from tests.redis_server import RedisServer
 
 KEY_ID = "real-0123456789abcdef"
-
-
-def most_in_window(times: list[float], width: float = WINDOW) -> int:
-    """The most of ``times`` in any closed window ``[t, t + width]``."""
-    ordered = sorted(times)
-    return max((bisect.bisect_right(ordered, t + width) - i for i, t in enumerate(ordered)), default=0)
 
 
 def arrivals(rng: random.Random, rate: float, seconds: float) -> list[float]:
