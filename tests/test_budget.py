@@ -393,7 +393,10 @@ def test_a_server_that_goes_away_degrades_to_the_file_budget_with_one_warning(sh
     warnings = [r for r in caplog.records if r.name.startswith("common.budget")]
     assert len(warnings) == 1 and "pacing the key on this host's budget" in warnings[0].getMessage()
     assert str(budget.backend.local.path) in warnings[0].getMessage()
-    assert waits[1:] == pytest.approx([k * budget.pacing.interval for k in range(1, 5)])  # paced, by the file
+    # paced by the file, the first a whole window after the server's last slot (still being spent)
+    assert waits[0] >= WINDOW + budget.pacing.slack
+    interval = budget.pacing.interval
+    assert [w - waits[0] for w in waits[1:]] == pytest.approx([k * interval for k in range(1, 5)])
     assert (snap.backend, snap.store_down, snap.calls_last_minute, snap.egw00201_seen) == ("file", True, 5, 1)
     server.start()
     caplog.clear()
@@ -415,3 +418,14 @@ def test_a_server_that_stops_answering_costs_one_bounded_timeout(shared_budget, 
         os.kill(server.process.pid, signal.SIGCONT)
     assert budget.backend.falling_back
     assert took < redis_store.SOCKET_TIMEOUT * 4  # the socket timeout, not a hang
+
+
+def test_with_the_server_down_each_host_paces_at_its_share_of_the_rate(shared_budget, server):
+    a, b = shared_budget("a", rate=100.0), shared_budget("b", rate=100.0)
+    a.acquire()
+    b.acquire()
+    assert a.snapshot().hosts == 2
+    server.stop()
+    waits = [a.acquire() for _ in range(4)]
+    half = Pacing(50.0).interval  # two hosts used the key in the last minute: each keeps half
+    assert [later - earlier for earlier, later in itertools.pairwise(waits)] == pytest.approx([half] * 3)

@@ -113,12 +113,17 @@ class FileBudget:
         self._prepared = False
         self._warned_corrupt = False
 
-    def reserve(self, pacing: Pacing, max_wait: float) -> float:
+    def reserve(self, pacing: Pacing, max_wait: float, not_before: float = -math.inf) -> float:
         """See :meth:`BudgetBackend.reserve`; the lock is waited for at most ``max(max_wait,``
-        :data:`LOCK_WAIT_MIN` ``)`` seconds."""
+        :data:`LOCK_WAIT_MIN` ``)`` seconds.
+
+        Args:
+            not_before: no slot before this time (on :attr:`clock`): the caller knows of calls up
+                to then that the file did not count (a server's slots, when it stopped answering).
+        """
 
         def take(state: BudgetState, now: float) -> float:
-            tat = sane_tat(state.tat, now, now, pacing)
+            tat = max(sane_tat(state.tat, now, now, pacing), not_before)
             granted = reserve(tat, now, pacing, max_wait)
             if granted is None:
                 raise NoSlotWithin(max(now, tat - pacing.tolerance) - now)

@@ -38,6 +38,7 @@ class BudgetSnapshot:
         egw00201_total: ``EGW00201`` answers noted since the budget's state was made.
         backend: where the state is: ``file``, ``redis``, or ``file`` with ``store_down``.
         store_down: a token store is configured but does not answer (the host paces on its own).
+        hosts: hosts that used the budget in the last minute (with a store; else 1).
     """
 
     rate: float
@@ -47,6 +48,7 @@ class BudgetSnapshot:
     egw00201_total: int
     backend: str
     store_down: bool = False
+    hosts: int = 1
 
 
 class CallBudget:
@@ -143,7 +145,7 @@ class CallBudget:
         active = getattr(self.backend, "active", self.backend.kind)
         return BudgetSnapshot(self.rate, self.pacing.achieved_rate, counts.calls_last_minute,
                               counts.refusals_last_minute, counts.refusals_total, active,
-                              store_down=active != self.backend.kind)
+                              store_down=active != self.backend.kind, hosts=counts.hosts)
 
     def _limit(self, timeout: float | None) -> float:
         limit = self.timeout if timeout is None else timeout

@@ -29,11 +29,13 @@ class Counts:
         calls_last_minute: slots granted in the last 60 s.
         refusals_last_minute: ``EGW00201`` answers noted in the last 60 s.
         refusals_total: ``EGW00201`` answers noted since the state was made (a counter).
+        hosts: hosts that used the budget in the last minute (1 for a host's own file).
     """
 
     calls_last_minute: int = 0
     refusals_last_minute: int = 0
     refusals_total: int = 0
+    hosts: int = 1
 
 
 class BudgetBackend(Protocol):

@@ -19,7 +19,11 @@ one per call; and one warning per outage says the key is paced on this host alon
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
+import socket
+from pathlib import Path
 from typing import Any
 
 from common.budget.file_backend import FileBudget
@@ -28,8 +32,8 @@ from common.budget.protocol import Counts, NoSlotWithin
 from common.store.redis_store import PREFIX, StoreLink, Unreachable
 
 #: ``EVALSHA`` of this with KEYS = [the key's hash] and ARGV = [op, ...]:
-#: ``reserve interval_us tolerance_us max_wait_us max_ahead_us window_us`` -> {granted 0|1, wait_us}
-#: ``refuse`` -> {0, 0};  ``count`` -> {calls, refusals, refusals_total}
+#: ``reserve interval_us tolerance_us max_wait_us max_ahead_us window_us host`` -> {granted 0|1, wait_us}
+#: ``refuse`` -> {0, 0};  ``count`` -> {calls, refusals, refusals_total, hosts}
 SCRIPT = """
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local key, op = KEYS[1], ARGV[1]
@@ -42,18 +46,24 @@ local function bump(prefix)
   n = (tonumber(s) == second) and tonumber(n) + 1 or 1
   redis.call('HSET', key, field, second .. ':' .. n)
 end
-local function recent(prefix)
-  local total = 0
-  for i = 0, BUCKETS - 1 do
-    local s, n = string.match(redis.call('HGET', key, prefix .. i) or '', '^(%d+):(%d+)$')
-    if s and tonumber(s) > second - BUCKETS and tonumber(s) <= second then total = total + tonumber(n) end
+if op == 'count' then
+  local calls, refusals, total, hosts = 0, 0, 0, 0
+  local all = redis.call('HGETALL', key)
+  for i = 1, #all, 2 do
+    local field, value = all[i], all[i + 1]
+    local kind = string.sub(field, 1, 1)
+    local s, n = string.match(value, '^(%d+):(%d+)$')
+    if s and tonumber(s) > second - BUCKETS and tonumber(s) <= second then
+      if kind == 'c' then calls = calls + tonumber(n)
+      elseif kind == 'r' then refusals = refusals + tonumber(n) end
+    elseif field == 'rtotal' then total = tonumber(value)
+    elseif string.sub(field, 1, 2) == 'h:' then
+      if tonumber(value) > second - BUCKETS then hosts = hosts + 1 else redis.call('HDEL', key, field) end
+    end
   end
-  return total
+  return {calls, refusals, total, hosts}
 end
 local tat = tonumber(redis.call('HGET', key, 'tat'))
-if op == 'count' then
-  return {recent('c'), recent('r'), tonumber(redis.call('HGET', key, 'rtotal') or '0')}
-end
 local reply
 if op == 'reserve' then
   local interval, tolerance = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -63,7 +73,7 @@ if op == 'reserve' then
   local slot = math.max(now, tat - tolerance)
   if slot - now > max_wait then return {0, slot - now} end
   tat = math.max(tat, slot) + interval
-  redis.call('HSET', key, 'tat', string.format('%.0f', tat))
+  redis.call('HSET', key, 'tat', string.format('%.0f', tat), 'h:' .. ARGV[7], second)
   bump('c')
   reply = {1, slot - now}
 else
@@ -74,6 +84,9 @@ end
 redis.call('PEXPIRE', key, math.floor(math.max((tat or now) - now, 0) / 1000) + 1000 * (BUCKETS + 1))
 return reply
 """.replace("BUCKETS", str(BUCKETS))
+
+#: How often a process asks the server how many hosts use the key (for the share it paces at alone).
+HOSTS_EVERY = 10.0
 
 _log = logging.getLogger(__name__)
 _US = 1_000_000
@@ -100,14 +113,15 @@ class RedisBudget:
         self.location = f"{link.url} {self.name}"
         self._script = link.client.register_script(SCRIPT)
 
-    def reserve(self, pacing: Pacing, max_wait: float) -> float:
-        """See :meth:`BudgetBackend.reserve`.
+    def reserve(self, pacing: Pacing, max_wait: float, host: str = "") -> float:
+        """See :meth:`BudgetBackend.reserve`; ``host`` is noted as one that uses the key (see
+        :attr:`Counts.hosts`).
 
         Raises:
             Unreachable: the server did not answer (nothing reserved as far as this host knows).
         """
         args = ["reserve", _micro(pacing.interval), _micro(pacing.tolerance), _micro(min(max_wait, MAX_WAIT)),
-                _micro(pacing.max_ahead), _micro(WINDOW + pacing.slack)]
+                _micro(pacing.max_ahead), _micro(WINDOW + pacing.slack), host]
         granted, wait_us = self._run(args)
         if not granted:
             raise NoSlotWithin(int(wait_us) / _US)
@@ -127,8 +141,8 @@ class RedisBudget:
         Raises:
             Unreachable: the server did not answer.
         """
-        calls, refusals, total = self._run(["count"])
-        return Counts(int(calls), int(refusals), int(total))
+        calls, refusals, total, hosts = self._run(["count"])
+        return Counts(int(calls), int(refusals), int(total), int(hosts))
 
     def _run(self, args: list[Any]) -> list[Any]:
         return self.link.call(self._script, [self.name], args)  # type: ignore[no-any-return]
@@ -137,18 +151,30 @@ class RedisBudget:
 class SharedBudget:
     """The key's budget on the server, and this host's file budget while the server does not answer.
 
-    While the server is down each host paces the key on its own: the key may then see up to the
-    rate once per host (the broker answers ``EGW00201`` beyond it, and callers retry), never more
-    than the rate from one host and never an unpaced call. One warning when the fallback starts,
-    one when the server answers again.
+    While the server is down each host paces the key on its own, at the rate divided by the number
+    of hosts that used the key in the last minute (as the server said at most :data:`HOSTS_EVERY`
+    seconds before): so the key stays within its rate as long as no host joins during the outage,
+    and never sees an unpaced call. After the switch a process's first call on the file waits a
+    whole window after the last slot the server gave it (slots already granted by the server are
+    still being spent). One warning when the fallback starts, one when the server answers again.
+
+    Args:
+        shared: the key's budget on the server.
+        local: this host's file budget for the key.
+        host: this host's name in the server's list of hosts (:func:`host_name`).
     """
 
     kind = "redis"
 
-    def __init__(self, shared: RedisBudget, local: FileBudget) -> None:
+    def __init__(self, shared: RedisBudget, local: FileBudget, host: str = "") -> None:
         self.shared, self.local = shared, local
+        self.host = host or host_name(local.path.parent)
         self.location = shared.location
         self.falling_back = False
+        #: hosts that used the key in the last minute, as the server last said (at least 1)
+        self.hosts = 1
+        self._hosts_asked_at = -math.inf
+        self._last_slot = -math.inf  # on the file's clock: the last slot the server gave this process
 
     @property
     def active(self) -> str:
@@ -157,11 +183,17 @@ class SharedBudget:
 
     def reserve(self, pacing: Pacing, max_wait: float) -> float:
         """See :meth:`BudgetBackend.reserve` (the server's, else this host's file's)."""
+        now = self.local.clock()
         try:
-            wait = self.shared.reserve(pacing, max_wait)
+            if now - self._hosts_asked_at >= HOSTS_EVERY:
+                self._hosts_asked_at = now
+                self.hosts = max(1, self.shared.counts().hosts)
+            wait = self.shared.reserve(pacing, max_wait, self.host)
         except Unreachable as exc:
             self._fell_back(exc)
-            return self.local.reserve(pacing, max_wait)
+            share = Pacing(pacing.rate / self.hosts, pacing.slack)
+            return self.local.reserve(share, max_wait, self._last_slot + WINDOW + pacing.slack)
+        self._last_slot = now + wait
         self._answered()
         return wait
 
@@ -183,20 +215,29 @@ class SharedBudget:
             self._fell_back(exc)
             return self.local.counts()
         self._answered()
+        self.hosts = max(1, found.hosts)
         return found
 
     def _fell_back(self, exc: Unreachable) -> None:
         if not self.falling_back:
             self.falling_back = True
             _log.warning("call budget: the token store %s does not answer (%s); pacing the key on this "
-                         "host's budget %s until it does (every host now spends the whole rate on its "
-                         "own)", self.shared.link.url, exc, self.local.location)
+                         "host's budget %s until it does, at the rate divided by the %d host%s that used "
+                         "it in the last minute", self.shared.link.url, exc, self.local.location,
+                         self.hosts, "" if self.hosts == 1 else "s")
 
     def _answered(self) -> None:
         if self.falling_back:
             self.falling_back = False
             _log.warning("call budget: the token store %s answers again; the key is paced there",
                          self.shared.link.url)
+
+
+def host_name(directory: Path) -> str:
+    """This host's name in the server's list of hosts: the machine's name and its token directory
+    (two token directories on one machine are two hosts to the budget)."""
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()[:64]}:{digest}"
 
 
 def _micro(seconds: float) -> int:
