@@ -429,3 +429,28 @@ def test_with_the_server_down_each_host_paces_at_its_share_of_the_rate(shared_bu
     waits = [a.acquire() for _ in range(4)]
     half = Pacing(50.0).interval  # two hosts used the key in the last minute: each keeps half
     assert [later - earlier for earlier, later in itertools.pairwise(waits)] == pytest.approx([half] * 3)
+
+
+#: What the README's section adds to the token store's ACL for the budget's script.
+BUDGET_ACL = ["+hget", "+hset", "+hgetall", "+hdel", "+hincrby", "+time"]
+
+
+@pytest.mark.parametrize("extra", [BUDGET_ACL, []])
+def test_an_acl_user_needs_the_commands_the_readme_names(server, tmp_path, clock, extra):
+    from tests.test_redis_store import README_ACL
+
+    server.client().execute_command("ACL", "SETUSER", "trader", "on", ">trader-pw", *README_ACL, *extra)
+    url = f"redis://trader:trader-pw@127.0.0.1:{server.port}/0"
+    server_link = redis_store.StoreLink(url, retry_interval=0.0)
+    try:
+        backend = SharedBudget(RedisBudget(server_link, KEY_ID), FileBudget(tmp_path / "a", KEY_ID, clock))
+        budget = CallBudget(backend, Pacing(18.0), KEY_ID, sleep=SleepRecorder())
+        budget.acquire()
+        budget.note_refusal()
+        snap = budget.snapshot()
+    finally:
+        server_link.client.close()
+    if extra:
+        assert (snap.backend, snap.calls_last_minute, snap.egw00201_seen, snap.hosts) == ("redis", 1, 1, 1)
+    else:  # without them the script is refused: the host paces alone, as with a server that is down
+        assert snap.store_down
