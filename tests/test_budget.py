@@ -183,6 +183,16 @@ def test_the_counters_cover_the_last_minute(tmp_path, clock):
     assert (snap.calls_last_minute, snap.egw00201_seen, snap.egw00201_total) == (0, 0, 2)
 
 
+def test_the_counters_are_read_without_creating_anything(tmp_path, clock):
+    directory = tmp_path / "not-yet"
+    budget = CallBudget(FileBudget(directory, KEY_ID, clock), Pacing(18.0), KEY_ID)
+    assert (budget.snapshot().calls_last_minute, budget.snapshot().egw00201_total) == (0, 0)
+    assert not directory.exists()
+    budget.acquire()
+    (directory / f"key-{KEY_ID}.budget").chmod(0o400)  # a monitoring user may only read it
+    assert budget.snapshot().calls_last_minute == 1
+
+
 def test_a_corrupt_file_counts_the_budget_as_spent_and_is_rewritten(tmp_path, clock, caplog):
     path = tmp_path / f"key-{KEY_ID}.budget"
     path.write_bytes(b"garbage" * 10)

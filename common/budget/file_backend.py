@@ -143,9 +143,34 @@ class FileBudget:
         self._update(count, LOCK_WAIT_MIN)
 
     def counts(self) -> Counts:
-        """The file's counters now (all zero when there is no file yet)."""
-        with self._locked(LOCK_WAIT_MIN) as fd:
-            return self._read(fd).counts(self.clock())
+        """The file's counters now (all zero when there is no file yet, or it cannot be decoded).
+
+        Read without the lock and without creating anything, so a user who may only read the token
+        directory (monitoring) can call it; a read torn by a writer fails its checksum and is read
+        again.
+
+        Raises:
+            StoreError: the file is not a regular file, or cannot be read.
+        """
+        try:
+            fd, _ = fs.open_regular(self.path, fs.READ, max_size=file_store.MAX_FILE_SIZE)
+        except FileNotFoundError:
+            return Counts()
+        except fs.NotRegularFileError as exc:
+            raise StoreError(f"cannot use the call budget file {self.path}: it {exc.reason}; "
+                             "remove it") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        try:
+            for _ in range(3):
+                state = BudgetState.decode(os.pread(fd, SIZE + 1, 0))
+                if state is not None:
+                    return state.counts(self.clock())
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+        return Counts()
 
     # -- the file -----------------------------------------------------------------------------
 
