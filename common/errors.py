@@ -128,3 +128,19 @@ class DirectoryError(ConfigError, StoreError):
 
 class LockTimeoutError(KISTokenError):
     """Another process held the renewal lock for longer than the bounded wait."""
+
+
+class BudgetTimeoutError(KISTokenError):
+    """The key's calls-a-second budget has no free slot within the caller's timeout: nothing was
+    reserved and nothing sent (other processes or hosts of the key are spending it).
+
+    Attributes:
+        retry_in: seconds until the next free slot when it was looked at (None: not known, e.g. the
+            budget's file stayed locked).
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, retry_in: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_in = retry_in

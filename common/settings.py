@@ -34,6 +34,9 @@ LOG_LEVEL_VAR = "KIS_LOG_LEVEL"
 DAILY_LIMIT_VAR = "KIS_TOKEN_DAILY_LIMIT"
 #: Issuances per app key in 24 h: a day needs one or two, so ten bounds any runaway (10 texts).
 DEFAULT_DAILY_LIMIT = 10
+RATE_LIMIT_VAR = "KIS_RATE_LIMIT"
+#: REST calls a second per app key, by environment (the broker's limits notice of 2026-04-20).
+DEFAULT_RATE_LIMITS = {"real": 18.0, "paper": 1.0}
 
 
 def default_token_dir(environ: Mapping[str, str], environment: str) -> Path:
@@ -149,6 +152,28 @@ class Settings:
                 f"limit; default {DEFAULT_DAILY_LIMIT}), not {value!r}"
             )
         return int(value)
+
+    @property
+    def rate_limit(self) -> float:
+        """The key's REST calls a second (``KIS_RATE_LIMIT``, a number above 0; default by
+        environment: real 18, paper 1).
+
+        Raises:
+            ConfigError: the value is not a finite number above 0 (the message names the variable).
+        """
+        value = self.get(RATE_LIMIT_VAR)
+        if value is None:
+            return DEFAULT_RATE_LIMITS[self.environment]
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = float("nan")
+        if not 0 < rate < float("inf"):
+            raise ConfigError(
+                f"{RATE_LIMIT_VAR} must be a number of calls a second above 0 (default: real "
+                f"{DEFAULT_RATE_LIMITS['real']:g}, paper {DEFAULT_RATE_LIMITS['paper']:g}), not {value!r}"
+            )
+        return rate
 
     def base_url(self, market_var: str) -> str:
         """The broker's base URL: ``market_var``, else ``KIS_BASE_URL``, else the host of ``KIS_ENV``."""
