@@ -1,12 +1,12 @@
 """Benchmark of the per-key call budget (issue 19, SPEC §13): ``python bench/budgets.py [--quick]``.
 
-It starts a real Redis/Valkey server on 127.0.0.1 (``tests.redis_server``) and works in a temporary
+It starts a real Redis/Valkey server on 127.0.0.1 (``common.sandbox.redis_server``) and works in a temporary
 directory; every child is bounded and stopped at the end. Progress goes to stderr; stdout carries a
 Markdown report. Nothing here asserts on timings.
 
 1. **Achieved rate**: 1 process, 8 processes (one token directory), and 8 x 2 "hosts" (two token
    directories sharing the server) spend one key's budget (18 a second) as fast as they can for a few
-   seconds (``tests.budget_worker``). Reported: calls, calls a second, that as a fraction of the
+   seconds (``common.sandbox.budget_worker``). Reported: calls, calls a second, that as a fraction of the
    limit (goal: at least 0.95), and the most calls any one-second window held (must not exceed 18).
 2. **Cost per call with a free budget**: ``acquire()`` in one process, with a rate so high that no
    call ever waits: the file backend (``flock``, read, write) and the Redis backend (one ``EVALSHA``),
@@ -23,9 +23,9 @@ from pathlib import Path
 from _util import Context, log, main, read_text, reap, spawn, table
 
 from common.budget import CallBudget, Pacing, open_budget
+from common.sandbox.budget_worker import most_in_window
+from common.sandbox.redis_server import RedisServer
 from common.settings import Settings
-from tests.budget_worker import most_in_window
-from tests.redis_server import RedisServer
 
 KEY_ID = "real-0123456789abcdef"
 RATE = 18.0
@@ -41,7 +41,7 @@ def spend(ctx: Context, directories: list[Path], per_directory: int, duration: f
     children = []
     for number, directory in enumerate(d for d in directories for _ in range(per_directory)):
         with open(ctx.tmp / f"budget-worker-{number}.err", "wb") as err:
-            argv = [sys.executable, "-m", "tests.budget_worker", str(directory), KEY_ID, *tail]
+            argv = [sys.executable, "-m", "common.sandbox.budget_worker", str(directory), KEY_ID, *tail]
             children.append((spawn(argv, ctx.base_env(), stdout=-1, stderr=err), err.name))
     deadline = time.monotonic() + START_DELAY + duration + 60
     times: list[float] = []

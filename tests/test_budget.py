@@ -21,11 +21,11 @@ from common.budget.file_backend import SIZE, FileBudget
 from common.budget.pacing import MAX_WAIT, WINDOW, reserve
 from common.budget.redis_backend import RedisBudget, SharedBudget, budget_key
 from common.errors import BudgetTimeoutError, ConfigError, StoreError
+from common.sandbox.budget_worker import most_in_window
+from common.sandbox.redis_server import RedisServer
 from common.settings import Settings
-from common.store import redis_store
-from tests.budget_worker import most_in_window
+from common.store import redis_link, redis_store
 from tests.conftest import FakeClock, SleepRecorder
-from tests.redis_server import RedisServer
 
 KEY_ID = "real-0123456789abcdef"
 
@@ -427,7 +427,7 @@ def test_a_server_that_stops_answering_costs_one_bounded_timeout(shared_budget, 
     finally:
         os.kill(server.process.pid, signal.SIGCONT)
     assert budget.backend.falling_back
-    assert took < redis_store.SOCKET_TIMEOUT * 4  # the socket timeout, not a hang
+    assert took < redis_link.SOCKET_TIMEOUT * 4  # the socket timeout, not a hang
 
 
 def test_with_the_server_down_each_host_paces_at_its_share_of_the_rate(shared_budget, server):

@@ -1,4 +1,4 @@
-"""The call budget across processes and hosts (issue 19): workers (``tests.budget_worker``) spend one
+"""The call budget across processes and hosts (issue 19): workers (``common.sandbox.budget_worker``) spend one
 key's budget as fast as they can for a couple of seconds; their merged send times must hold no more
 than the rate in any second, and use at least 0.9 of it. Real processes and short real waits,
 bounded: every worker is killed if it has not finished in time."""
@@ -9,9 +9,9 @@ import os
 import time
 from pathlib import Path
 
-from tests.budget_worker import most_in_window
+from common.sandbox.budget_worker import most_in_window
+from common.sandbox.redis_server import RedisServer
 from tests.conftest import finish, spawn
-from tests.redis_server import RedisServer
 
 KEY_ID = "real-0123456789abcdef"
 DURATION = 2.0
@@ -29,7 +29,7 @@ def run_workers(tmp_path: Path, directories: list[Path], per_directory: int, rat
     """Start ``per_directory`` workers on each directory at once; their merged send times."""
     start = time.time() + START_DELAY
     args = [str(rate), f"{start:.6f}", str(duration)] + ([store_url] if store_url else [])
-    processes = [spawn(["tests.budget_worker", str(directory), KEY_ID, *args], environ(tmp_path))
+    processes = [spawn(["common.sandbox.budget_worker", str(directory), KEY_ID, *args], environ(tmp_path))
                  for directory in directories for _ in range(per_directory)]
     results = finish(processes, timeout=START_DELAY + duration + 30)
     times = []

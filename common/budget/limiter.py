@@ -178,7 +178,7 @@ def open_budget(settings: Settings, directory: Path, key_id: str, *,
     backend: BudgetBackend = local
     if url is not None:
         from common.budget.redis_backend import RedisBudget, SharedBudget
-        from common.store.redis_store import link
+        from common.store.redis_link import link
 
         backend = SharedBudget(RedisBudget(link(url), key_id), local)
     return CallBudget(backend, pacing, key_id, **options)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ the server's ``TIME``, so hosts whose clocks disagree share one timeline; the ca
 
 :class:`SharedBudget` is what a host with ``KIS_TOKEN_STORE`` uses: the server, and this host's
 :class:`~common.budget.file_backend.FileBudget` whenever the server does not answer. The client is
-the process's one :class:`~common.store.redis_store.StoreLink` (each call gives up after 0.5 s; after
+the process's one :class:`~common.store.redis_link.StoreLink` (each call gives up after 0.5 s; after
 a failure the server is left alone for 5 s), so a server that is down costs one bounded timeout, not
 one per call; and one warning per outage says the key is paced on this host alone.
 """
@@ -29,7 +29,8 @@ from typing import Any
 from common.budget.file_backend import FileBudget
 from common.budget.pacing import BUCKETS, MAX_WAIT, WINDOW, Pacing
 from common.budget.protocol import Counts, NoSlotWithin
-from common.store.redis_store import PREFIX, StoreLink, Unreachable
+from common.errors import StoreUnreachableError
+from common.store.redis_link import PREFIX, StoreLink
 
 #: ``EVALSHA`` of this with KEYS = [the key's hash] and ARGV = [op, ...]:
 #: ``reserve interval_us tolerance_us max_wait_us max_ahead_us window_us host`` -> {granted 0|1, wait_us}
@@ -101,7 +102,7 @@ class RedisBudget:
     """One key's budget on the server (see the module docstring).
 
     Args:
-        link: the process's link to the server (``common.store.redis_store.link``).
+        link: the process's link to the server (``common.store.redis_link.link``).
         key_id: :attr:`Credential.key_id` of the key.
     """
 
@@ -118,7 +119,7 @@ class RedisBudget:
         :attr:`Counts.hosts`).
 
         Raises:
-            Unreachable: the server did not answer (nothing reserved as far as this host knows).
+            StoreUnreachableError: the server did not answer (nothing reserved as far as this host knows).
         """
         args = ["reserve", _micro(pacing.interval), _micro(pacing.tolerance), _micro(min(max_wait, MAX_WAIT)),
                 _micro(pacing.max_ahead), _micro(WINDOW + pacing.slack), host]
@@ -131,7 +132,7 @@ class RedisBudget:
         """Count one ``EGW00201`` answer on the server.
 
         Raises:
-            Unreachable: the server did not answer.
+            StoreUnreachableError: the server did not answer.
         """
         self._run(["refuse"])
 
@@ -139,7 +140,7 @@ class RedisBudget:
         """The server's counters for the key.
 
         Raises:
-            Unreachable: the server did not answer.
+            StoreUnreachableError: the server did not answer.
         """
         calls, refusals, total, hosts = self._run(["count"])
         return Counts(int(calls), int(refusals), int(total), int(hosts))
@@ -189,7 +190,7 @@ class SharedBudget:
                 self._hosts_asked_at = now
                 self.hosts = max(1, self.shared.counts().hosts)
             wait = self.shared.reserve(pacing, max_wait, self.host)
-        except Unreachable as exc:
+        except StoreUnreachableError as exc:
             self._fell_back(exc)
             share = Pacing(pacing.rate / self.hosts, pacing.slack)
             return self.local.reserve(share, max_wait, self._last_slot + WINDOW + pacing.slack)
@@ -201,7 +202,7 @@ class SharedBudget:
         """Count one ``EGW00201`` answer (on the server, else in this host's file)."""
         try:
             self.shared.note_refusal()
-        except Unreachable as exc:
+        except StoreUnreachableError as exc:
             self._fell_back(exc)
             self.local.note_refusal()
             return
@@ -211,14 +212,14 @@ class SharedBudget:
         """The server's counters, else this host's file's."""
         try:
             found = self.shared.counts()
-        except Unreachable as exc:
+        except StoreUnreachableError as exc:
             self._fell_back(exc)
             return self.local.counts()
         self._answered()
         self.hosts = max(1, found.hosts)
         return found
 
-    def _fell_back(self, exc: Unreachable) -> None:
+    def _fell_back(self, exc: StoreUnreachableError) -> None:
         if not self.falling_back:
             self.falling_back = True
             _log.warning("call budget: the token store %s does not answer (%s); pacing the key on this "

@@ -1,6 +1,6 @@
 """A process that spends a key's call budget as fast as it can, for the multi-process budget tests and
 ``bench/budgets.py`` (with :func:`most_in_window`, which both use to judge the result):
-``python -m tests.budget_worker DIR KEY_ID RATE START DURATION [STORE_URL]``.
+``python -m common.sandbox.budget_worker DIR KEY_ID RATE START DURATION [STORE_URL]``.
 
 It waits until the wall-clock time START (so that every worker begins together, however long each
 took to start), then calls ``acquire()`` until START + DURATION and prints, one a line, the
