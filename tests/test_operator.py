@@ -126,12 +126,12 @@ def test_help_texts_say_what_the_commands_do():
 
 def test_a_token_directory_this_user_cannot_use_keeps_the_held_token_in_service(us, clock, monkeypatch):
     from common.credentials.records import TokenRecord
-    from common.store import file_store
+    from common.store import files
     from tests.conftest import DAY, fake_token
 
     us.save_token(TokenRecord(fake_token(1), "Bearer", clock() - DAY + 50 * 60, clock() + 50 * 60, "us",
                               us.environment, us.key_fingerprint()))
-    monkeypatch.setattr(file_store, "_foreign_owner", lambda directory, st: f"{directory} belongs to root")
+    monkeypatch.setattr(files, "_foreign_owner", lambda directory, st: f"{directory} belongs to root")
     for _ in range(3):  # the advisory renewal cannot take the lock: the token keeps being served
         assert us.get_valid_token() == fake_token(1)
 

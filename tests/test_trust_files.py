@@ -29,7 +29,7 @@ from common.credentials.records import CorruptRecordError, TokenRecord
 from common.errors import KISTokenError, LockTimeoutError, StoreError
 from common.sandbox import Sandbox
 from common.settings import Settings
-from common.store import file_store
+from common.store import file_store, files
 from common.store.file_store import FileRenewalLock
 from tests.conftest import DAY, REPO, US_KEY, fake_token
 from us.token_manager import USTokenManager
@@ -79,7 +79,7 @@ def test_reading_anything_but_a_small_regular_file_is_a_one_line_miss_at_once(tm
     plant(path, kind, tmp_path)
     started = time.monotonic()
     with pytest.raises(CorruptRecordError) as caught:
-        file_store.read_text(path)
+        files.read_text(path)
     assert time.monotonic() - started < 1
     assert str(caught.value) == f"{path} {reason}"
     assert "\n" not in str(caught.value)
@@ -87,11 +87,11 @@ def test_reading_anything_but_a_small_regular_file_is_a_one_line_miss_at_once(tm
 
 def test_a_file_that_is_exactly_the_limit_is_read_and_one_byte_more_is_not(tmp_path):
     path = tmp_path / "us_krs_token.dat"
-    path.write_bytes(b"x" * file_store.MAX_FILE_SIZE)
-    assert len(file_store.read_text(path)) == file_store.MAX_FILE_SIZE
-    path.write_bytes(b"x" * (file_store.MAX_FILE_SIZE + 1))
+    path.write_bytes(b"x" * files.MAX_FILE_SIZE)
+    assert len(files.read_text(path)) == files.MAX_FILE_SIZE
+    path.write_bytes(b"x" * (files.MAX_FILE_SIZE + 1))
     with pytest.raises(CorruptRecordError, match="over 64 KiB"):
-        file_store.read_text(path)
+        files.read_text(path)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])

@@ -34,7 +34,7 @@ from typing import TypeVar
 from common.budget.pacing import BUCKETS, Pacing, bump, empty_buckets, recent, reserve, sane_tat
 from common.budget.protocol import Counts, NoSlotWithin
 from common.errors import BudgetTimeoutError, StoreError
-from common.store import file_store, fs
+from common.store import files, fs
 
 MAGIC = b"KISB"
 VERSION = 1
@@ -153,7 +153,7 @@ class FileBudget:
             StoreError: the file is not a regular file, or cannot be read.
         """
         try:
-            fd, _ = fs.open_regular(self.path, fs.READ, max_size=file_store.MAX_FILE_SIZE)
+            fd, _ = fs.open_regular(self.path, fs.READ, max_size=files.MAX_FILE_SIZE)
         except FileNotFoundError:
             return Counts()
         except fs.NotRegularFileError as exc:
@@ -240,11 +240,11 @@ class FileBudget:
 
     def _open(self) -> int:
         if not self._prepared:
-            file_store.prepare_directory(self.path.parent)
+            files.prepare_directory(self.path.parent)
             self._prepared = True
         try:
-            fd, st = fs.open_regular(self.path, fs.LOCK, file_store.FILE_MODE,
-                                     max_size=file_store.MAX_FILE_SIZE)
+            fd, st = fs.open_regular(self.path, fs.LOCK, files.FILE_MODE,
+                                     max_size=files.MAX_FILE_SIZE)
         except fs.NotRegularFileError as exc:
             raise StoreError(f"cannot use the call budget file {self.path}: it {exc.reason}; "
                              "remove it") from None
@@ -255,5 +255,5 @@ class FileBudget:
             raise StoreError(f"cannot open {self.path}: {exc.strerror or exc}") from None
         if st.st_size == 0:
             with contextlib.suppress(OSError):
-                file_store.hand_to_directory_owner(fd, self.path.parent, st)
+                files.hand_to_directory_owner(fd, self.path.parent, st)
         return fd

@@ -44,7 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from common.clock import parse_iso
-from common.store.file_store import atomic_write
+from common.store.files import atomic_write
 
 #: Textfiles are read by node_exporter, which often runs as another user; they hold no secret.
 TEXTFILE_MODE = 0o644

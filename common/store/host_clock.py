@@ -24,10 +24,10 @@ _log = logging.getLogger(__name__)
 
 def load_offset(directory: Path) -> float:
     """The offset the host's processes last learned (0 if none, or if the file is unusable)."""
-    from common.store import file_store
+    from common.store import files
 
     try:
-        text = file_store.read_text(directory / FILE_NAME)
+        text = files.read_text(directory / FILE_NAME)
         offset = 0.0 if text is None else json.loads(text).get("offset", 0.0)
     except (KISTokenError, CorruptRecordError, ValueError, RecursionError, AttributeError):
         return 0.0
@@ -38,7 +38,7 @@ def load_offset(directory: Path) -> float:
 
 def save_offset(directory: Path, offset: float, broker_now: float) -> None:
     """Keep ``offset`` for the host's next processes; say so once when the host's clock is wrong."""
-    from common.store import file_store
+    from common.store import files
 
     problem = describe_offset(offset)
     if problem is not None:
@@ -46,7 +46,7 @@ def save_offset(directory: Path, offset: float, broker_now: float) -> None:
     elif offset:
         _log.info("this host's clock is %.0f s off the broker's; judging times in the broker's", offset)
     try:
-        file_store.write_file(directory / FILE_NAME, json.dumps(
+        files.write_file(directory / FILE_NAME, json.dumps(
             {"offset": offset, "measured_at": to_kst_iso(broker_now)}, indent=2))
     except KISTokenError as exc:
         _log.debug("cannot keep the host's clock offset: %s", exc)

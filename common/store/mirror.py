@@ -24,7 +24,7 @@ from pathlib import Path
 from common.clock import to_kst_iso
 from common.credentials.records import TokenRecord
 from common.errors import CorruptRecordError, KISTokenError, StoreError
-from common.store.file_store import MIRROR_NAMES, read_text, remove_files, write_file
+from common.store.files import MIRROR_NAMES, read_text, remove_files, write_file
 
 _MIRROR_RECORD = re.compile(r"([A-Za-z0-9]+_)" + re.escape(MIRROR_NAMES[0]))
 _log = logging.getLogger(__name__)
