@@ -32,6 +32,7 @@ from common.cli.market import (
     unknown_info,
 )
 from common.clock import format_duration
+from common.renewal.report import SCHEMA
 
 PROG = "kis-token"
 DISTRIBUTION = "kis-token-manager"
@@ -150,7 +151,7 @@ def collect(settings: Any = None, problem: str | None = None) -> dict[str, Any]:
     for info in markets.values():
         info["shared"] = bool(shared)
     return {
-        "schema": 1,
+        "schema": SCHEMA,
         "exit": max(info["exit"] for info in markets.values()),
         "shared": bool(shared),
         "markets": markets,

@@ -43,3 +43,13 @@ def test_every_sub_package_says_its_one_job():
     for init in [*sorted((REPO / "common").rglob("__init__.py")), REPO / "kis_token" / "__init__.py"]:
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc and len(doc) > 40, init
+
+
+def test_no_production_module_is_over_400_lines():
+    too_long = {
+        str(path.relative_to(REPO)): lines
+        for package in PACKAGES
+        for path in (REPO / package).rglob("*.py")
+        if "sandbox" not in path.parts and (lines := len(path.read_text().splitlines())) > 400
+    }
+    assert too_long == {}

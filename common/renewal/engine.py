@@ -234,17 +234,17 @@ class RenewalEngine(Generic[R]):
         left = None if current is None else current.seconds_left(now)
         self.store.record.ready()  # a record that cannot be stored: say so before the broker texts
         self.store.lock.confirm()  # a lease that lapsed while this process stood still: do not send
-        offset, previous = self._offset(), state.last_request_at
+        offset, previous = self.guard.offset(), state.last_request_at
         state.last_request_at = now
         self.store.state.save(state)
         try:
             record = self._issue(current)
         except BrokerError as exc:
-            self._restamp(state, now, offset)
+            self.guard.restamp(state, now, offset)
             self._observe(state, Outcome("refused", self._clock(), exc.code, exc.broker_message, left), after)
             raise
         except KISTokenError as exc:
-            self._restamp(state, now, offset)
+            self.guard.restamp(state, now, offset)
             if isinstance(exc, NotSentError):  # it never reached the broker: the minute is not spent
                 state.last_request_at = previous
             if isinstance(exc, AnswerLostError) and exc.succeeded:  # most likely issued: count it
@@ -256,11 +256,11 @@ class RenewalEngine(Generic[R]):
             self.store.state.save(state)
             raise
         except Exception as exc:  # a garbled answer the client did not foresee: a failure like any other
-            self._restamp(state, now, offset)
+            self.guard.restamp(state, now, offset)
             error = BadResponseError(f"the broker's answer could not be read ({type(exc).__name__})")
             self._observe(state, Outcome("failed", self._clock(), None, str(error), left), after)
             raise error from exc
-        self._restamp(state, now, offset)
+        self.guard.restamp(state, now, offset)
         try:
             record = self.put(record, locked=True)
         except StoreError as exc:  # the broker issued it (and texted the user): never drop it
@@ -273,16 +273,6 @@ class RenewalEngine(Generic[R]):
         kind = "same_token" if same else "renewed"
         self._observe(state, Outcome(kind, self._clock(), seconds_left=left), after)
         return record
-
-    def _offset(self) -> float:
-        return float(getattr(self._clock, "offset", 0.0))
-
-    def _restamp(self, state: RenewalState, stamped: float, offset: float) -> None:
-        """Put the last request in the broker's time if the request just taught the clock an offset
-        (a host whose clock ran a day ahead must not leave a stamp that holds every host back a day)."""
-        shift = self._offset() - offset
-        if shift:
-            state.last_request_at = stamped + shift
 
     @contextlib.contextmanager
     def hold(self, lock_wait: float) -> Iterator[None]:
@@ -401,5 +391,5 @@ class RenewalEngine(Generic[R]):
 
     def _set(self, record: R | None, now: float) -> None:
         until = _NEVER if record is None else serve_until(record, now, self.backoff, self.windows)
-        shift = self._offset()  # the bounds in the local clock: the hot path reads nothing else
+        shift = self.guard.offset()  # the bounds in the local clock: the hot path reads nothing else
         self.snapshot = (record, until - shift, now - shift)

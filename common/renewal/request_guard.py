@@ -58,6 +58,17 @@ class RequestGuard:
         self._calibrate = calibrate
         self._calibrated_at = float("-inf")  # monotonic time of the last try
 
+    def offset(self) -> float:
+        """The clock's offset from this host's (0 for a plain clock)."""
+        return float(getattr(self._clock, "offset", 0.0))
+
+    def restamp(self, state: RenewalState, stamped: float, offset: float) -> None:
+        """Put the last request in the broker's time if the request just taught the clock an offset
+        (a host whose clock ran a day ahead must not leave a stamp that holds every host back a day)."""
+        shift = self.offset() - offset
+        if shift:
+            state.last_request_at = stamped + shift
+
     def clock_known(self) -> bool:
         """True once the clock has been set from the broker's (its offset is known)."""
         return getattr(self._clock, "calibrated_at", None) is not None
