@@ -185,7 +185,7 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
             accept=kind.accept,
             windows=self._windows._replace(advisory=self._windows.advisory + jitter),
             clock=self.now,
-            observers=outcomes.observers(webhook, self.market, self.environment),
+            observers=outcomes.observers(webhook, self.market, self.environment, self._windows.expiry_margin),
             daily_limit=self.settings.daily_limit,
             calibrate=kind.calibrate,
             **extra,

@@ -712,8 +712,7 @@ def test_webhook_error_status_is_a_warning(receiver, caplog):
     receiver.status = 500
     state = RenewalState()
     alerts.send_renewal_alert(
-        receiver.url, state, market="us", environment="paper", outcome="refused",
-        code="EGW00133", message="slow down", seconds_left=600, now=1000.0,
+        receiver.url, state, alerts.Alert("us", "paper", "refused", "EGW00133", "slow down", 600), 1000.0,
     )
     assert len(receiver.texts()) == 1
     [record] = [r for r in caplog.records if r.name == "common.renewal.alerts"]
@@ -728,9 +727,8 @@ def test_webhook_that_never_answers_times_out_quickly(caplog):
         port = silent.getsockname()[1]
         started = time.monotonic()
         alerts.send_renewal_alert(
-            f"http://127.0.0.1:{port}{WEBHOOK_PATH}", RenewalState(), market="kr",
-            environment="real", outcome="failed", code=None, message="broker unreachable",
-            seconds_left=None, now=1000.0,
+            f"http://127.0.0.1:{port}{WEBHOOK_PATH}", RenewalState(),
+            alerts.Alert("kr", "real", "failed", None, "broker unreachable", None), 1000.0,
         )
         elapsed = time.monotonic() - started
     assert elapsed < alerts.CONNECT_TIMEOUT + alerts.READ_TIMEOUT + 1
@@ -748,10 +746,10 @@ def test_webhook_that_never_answers_times_out_quickly(caplog):
     ],
 )
 def test_alert_text_tells_how_long_the_current_token_lasts(left, expected):
-    text = alerts.alert_text(
+    text = alerts.alert_text(alerts.Alert(
         market="kr", environment="paper", outcome="refused", code="EGW00133",
         message="  접근토큰 발급 잠시 후\n 다시 시도하세요  ", seconds_left=left,
-    )
+    ))
     assert expected in text.replace("There is no", "no")
     headline = text.splitlines()[0]
     assert headline == (
@@ -760,10 +758,8 @@ def test_alert_text_tells_how_long_the_current_token_lasts(left, expected):
 
 
 def test_bad_webhook_url_is_a_warning(caplog):
-    alerts.send_renewal_alert(
-        "not a url", RenewalState(), market="us", environment="real", outcome="failed",
-        code=None, message=None, seconds_left=None, now=1000.0,
-    )
+    alert = alerts.Alert("us", "real", "failed", None, None, None)
+    alerts.send_renewal_alert("not a url", RenewalState(), alert, 1000.0)
     [record] = [r for r in caplog.records if r.name == "common.renewal.alerts"]
     assert record.levelname == "WARNING" and "invalid URL" in record.getMessage()
 
@@ -772,10 +768,8 @@ def test_alert_interval_is_per_cause(receiver):
     state = RenewalState()
 
     def send(code: str | None, outcome: str, now: float) -> None:
-        alerts.send_renewal_alert(
-            receiver.url, state, market="us", environment="real", outcome=outcome,
-            code=code, message="m", seconds_left=3000, now=now,
-        )
+        alert = alerts.Alert("us", "real", outcome, code, "m", 3000)
+        alerts.send_renewal_alert(receiver.url, state, alert, now)
 
     send("EGW00133", "refused", 1000.0)
     send("EGW00133", "refused", 1000.0 + alerts.ALERT_INTERVAL - 1)

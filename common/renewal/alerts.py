@@ -32,7 +32,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import NamedTuple
 
 from common.clock import format_duration
 from common.renewal.policy import EXPIRY_MARGIN
@@ -55,17 +55,30 @@ DAILY_CAUSES = {"DAILY_LIMIT": 86400.0}
 _log = logging.getLogger(__name__)
 
 
+class Alert(NamedTuple):
+    """What one alert is about.
+
+    Attributes:
+        market: ``us`` or ``kr``.
+        environment: ``real`` or ``paper``.
+        outcome: ``refused`` or ``failed``.
+        code: the broker's error code, if it gave one.
+        message: the broker's or the transport's message, if any.
+        seconds_left: time left on the token currently held, or None if none is held.
+        expiry_margin: a token with no more than this left is not handed out (the manager's windows).
+    """
+
+    market: str
+    environment: str
+    outcome: str
+    code: str | None
+    message: str | None
+    seconds_left: float | None
+    expiry_margin: float = EXPIRY_MARGIN
+
+
 def prepare_renewal_alert(
-    url: str,
-    state: RenewalState,
-    *,
-    market: str,
-    environment: str,
-    outcome: str,
-    code: str | None,
-    message: str | None,
-    seconds_left: float | None,
-    now: float,
+    url: str, state: RenewalState, alert: Alert, now: float
 ) -> Callable[[], None] | None:
     """The post of one alert about a failed renewal, unless the same cause was alerted recently.
 
@@ -73,54 +86,40 @@ def prepare_renewal_alert(
         url: the webhook URL (``KIS_ALERT_WEBHOOK_URL``); treated as a secret.
         state: the market's shared renewal memory; ``state.alerts_sent[cause]`` is set to ``now``
             when an alert is attempted (the caller saves the state afterwards).
-        market: ``us`` or ``kr``.
-        environment: ``real`` or ``paper``.
-        outcome: ``refused`` or ``failed``.
-        code: the broker's error code, if it gave one.
-        message: the broker's or the transport's message, if any.
-        seconds_left: time left on the token currently held, or None if none is held.
+        alert: what it is about.
         now: the current time, epoch seconds.
 
     Returns:
         A callable that posts the alert (run it once the key's lock is released; it never raises, a
         failure is logged as a warning), or None when the cause was alerted recently.
     """
-    cause = code or outcome
+    cause = alert.code or alert.outcome
     last = state.alerts_sent.get(cause)
     if last is not None and 0 <= now - last < DAILY_CAUSES.get(cause, ALERT_INTERVAL):
-        _log.debug("%s renewal alert for %s already sent %.0f s ago; not repeated", market, cause, now - last)
+        _log.debug("%s renewal alert for %s already sent %.0f s ago; not repeated", alert.market, cause,
+                   now - last)
         return None
     state.alerts_sent = {
         key: at for key, at in state.alerts_sent.items()
         if 0 <= now - at < DAILY_CAUSES.get(key, ALERT_INTERVAL)
     }
     state.alerts_sent[cause] = now
-    text = alert_text(
-        market=market, environment=environment, outcome=outcome, code=code,
-        message=message, seconds_left=seconds_left,
-    )
-    return lambda: post_with_deadline(url, text, market)
+    text = alert_text(alert)
+    return lambda: post_with_deadline(url, text, alert.market)
 
 
-def send_renewal_alert(url: str, state: RenewalState, **details: Any) -> None:
+def send_renewal_alert(url: str, state: RenewalState, alert: Alert, now: float) -> None:
     """:func:`prepare_renewal_alert` and post it at once (for callers that hold no lock)."""
-    post = prepare_renewal_alert(url, state, **details)
+    post = prepare_renewal_alert(url, state, alert, now)
     if post is not None:
         post()
 
 
-def alert_text(
-    *,
-    market: str,
-    environment: str,
-    outcome: str,
-    code: str | None,
-    message: str | None,
-    seconds_left: float | None,
-) -> str:
+def alert_text(alert: Alert) -> str:
     """The alert's text: one headline, then the token's state (no token, key or secret)."""
-    reason = " ".join(part for part in (code, _clip(message)) if part) or "no details"
-    if seconds_left is not None and seconds_left > EXPIRY_MARGIN:
+    market, seconds_left = alert.market, alert.seconds_left
+    reason = " ".join(part for part in (alert.code, _clip(alert.message)) if part) or "no details"
+    if seconds_left is not None and seconds_left > alert.expiry_margin:
         held = f"The current token stays valid for {format_duration(seconds_left)} more."
     else:
         if seconds_left is None:
@@ -131,7 +130,7 @@ def alert_text(
             why = f"the current one {format_duration(seconds_left)}"
         held = f"There is no valid token ({why}): calls to this market fail until a renewal succeeds."
     return (
-        f":warning: KIS {market.upper()} ({environment}) token renewal {outcome}: {reason}\n"
+        f":warning: KIS {market.upper()} ({alert.environment}) token renewal {alert.outcome}: {reason}\n"
         f"{held}\n"
         f"Host {socket.gethostname()}. Further alerts for this cause are held back for "
         f"{ALERT_INTERVAL / 60:g} min."

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from common.errors import CorruptRecordError, KISTokenError, LockTimeoutError, StoreError
@@ -36,6 +37,7 @@ class Copies(Protocol[R]):
         """The record an older version left, or None."""
 
 
+@dataclass
 class CopyKeeper(Generic[R]):
     """Keeps one key's copies in step with the record the engine serves.
 
@@ -49,17 +51,15 @@ class CopyKeeper(Generic[R]):
         load_state: the key's renewal state, as the engine reads it.
     """
 
-    def __init__(self, name: str, store: KeyStore[R], copies: Copies[R], windows: Windows,
-                 clock: Callable[[], float], accept: Callable[[R], str | None],
-                 load_state: Callable[[], RenewalState]) -> None:
-        self.name = name
-        self.store = store
-        self.copies = copies
-        self.windows = windows
-        self._clock = clock
-        self._accept = accept
-        self._load_state = load_state
-        self.pending = False
+    name: str
+    store: KeyStore[R]
+    copies: Copies[R]
+    windows: Windows
+    clock: Callable[[], float]
+    accept: Callable[[R], str | None]
+    load_state: Callable[[], RenewalState]
+    #: True while the copies may be behind the record served (published at the next sync).
+    pending: bool = False
 
     def publish(self, record: R, locked: bool) -> None:
         """Bring the copies up to date with ``record``, under the key's lock so none goes stale.
@@ -89,11 +89,11 @@ class CopyKeeper(Generic[R]):
             copy = self.copies.copy()
         except (KISTokenError, CorruptRecordError):
             return None
-        if copy is None or self._accept(copy) is not None:
+        if copy is None or self.accept(copy) is not None:
             return None
         if held is not None and held.expires_at >= copy.expires_at:
             return None
-        if not usable(copy, self._clock(), self.windows):
+        if not usable(copy, self.clock(), self.windows):
             return None
         _log.info("serving the %s from its intact copy", self.name)
         return copy
@@ -103,18 +103,18 @@ class CopyKeeper(Generic[R]):
 
         Once one was taken up, or the key's token deleted, left-over files are never looked at again.
         """
-        if self._load_state().legacy_closed:
+        if self.load_state().legacy_closed:
             return None
         try:
             record = self.copies.legacy()
         except (CorruptRecordError, StoreError) as exc:
             _log.warning("ignoring the stored %s: %s", self.name, exc)
             return None
-        if record is None or not usable(record, self._clock(), self.windows):
+        if record is None or not usable(record, self.clock(), self.windows):
             return None
         try:
             with self.store.lock.hold(self.windows.lock_wait if locked else 0):
-                state = self._load_state()
+                state = self.load_state()
                 if state.legacy_closed:
                     return None
                 if self.store.record.load() is None:

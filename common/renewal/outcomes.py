@@ -56,10 +56,11 @@ def bookkeeping(outcome: Outcome, state: RenewalState) -> None:
 class AlertObserver:
     """Posts refused and failed renewals to a Slack-compatible webhook (see ``common.renewal.alerts``)."""
 
-    def __init__(self, url: str, market: str, environment: str) -> None:
+    def __init__(self, url: str, market: str, environment: str, expiry_margin: float) -> None:
         self.url = url
         self.market = market
         self.environment = environment
+        self.expiry_margin = expiry_margin
 
     def __call__(self, outcome: Outcome, state: RenewalState) -> Callable[[], None] | None:
         """Alert on ``refused`` and ``failed``: the stamps that hold repeats back go into ``state``, and
@@ -68,22 +69,14 @@ class AlertObserver:
             return None
         from common.renewal import alerts
 
-        return alerts.prepare_renewal_alert(
-            self.url,
-            state,
-            market=self.market,
-            environment=self.environment,
-            outcome=outcome.kind,
-            code=outcome.code,
-            message=outcome.message,
-            seconds_left=outcome.seconds_left,
-            now=outcome.at,
-        )
+        alert = alerts.Alert(self.market, self.environment, outcome.kind, outcome.code, outcome.message,
+                             outcome.seconds_left, self.expiry_margin)
+        return alerts.prepare_renewal_alert(self.url, state, alert, outcome.at)
 
 
-def observers(webhook: str | None, market: str, environment: str) -> list[Observer]:
+def observers(webhook: str | None, market: str, environment: str, expiry_margin: float) -> list[Observer]:
     """The observers of one market's renewals: the bookkeeping, and alerts if a webhook is set."""
     chosen: list[Observer] = [bookkeeping]
     if webhook is not None:
-        chosen.append(AlertObserver(webhook, market, environment))
+        chosen.append(AlertObserver(webhook, market, environment, expiry_margin))
     return chosen
