@@ -26,7 +26,8 @@ Counters:
 (*) only when a record is present; (**) only when known. A family without a value is still
 declared (HELP and TYPE lines) but has no sample.
 
-The counters live in ``<prefix>renewal_state.json`` and count from that file's creation.
+The counters live in the key's renewal state (``key-<id>.state``, and the shared store's copy)
+and count from its creation.
 
 Suggested alert rules: ``kis_token_valid == 0``; ``kis_token_seconds_left < 900``;
 ``increase(kis_token_refusals_total[1h]) > 0``.

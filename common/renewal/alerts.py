@@ -8,13 +8,13 @@ Rocket.Chat, Discord's ``/slack`` endpoints and most chat bridges accept.
 
 Rules:
 
-* At most one alert per market per *cause* within :data:`ALERT_INTERVAL` (30 min). The cause is
+* At most one alert per key per *cause* within :data:`ALERT_INTERVAL` (30 min). The cause is
   the broker's code (``EGW00133``), or the outcome when there is no code. The time of each attempt
-  is kept in ``state.alerts_sent`` (the caller saves the state, which is shared by every process
-  on the host through the token directory). An attempt counts even if the webhook did not answer,
+  is kept in ``state.alerts_sent`` (the caller saves the key's renewal state, which every process
+  of the key shares through its store). An attempt counts even if the webhook did not answer,
   so a dead webhook costs at most one timeout per cause and interval.
 * The text names the market, environment, outcome, broker code and message, and how long the
-  current token stays valid, or that there is no valid token (none, or under the 5 min expiry
+  current token stays valid, or that there is no valid token (none, or under the manager's expiry
   margin, when it is no longer handed out). It never holds the token, the app key or the secret.
 * The post is made after the key's renewal lock is released (the engine runs it then), in a
   thread that the caller waits on for at most :data:`DEADLINE` (3 s) of wall time, DNS included:

@@ -62,7 +62,7 @@ def token_info(manager: Any) -> dict[str, Any]:
             "key": mask_token(approval.approval_key),
             "issued_at": to_kst_iso(approval.issued_at),
             "age_seconds": int(now - approval.issued_at),
-            "valid": approval.seconds_left(now) > windows.expiry_margin,
+            "valid": policy.usable(approval, now, windows),
         },
         "clock_offset_seconds": round(manager.now.offset),
         "clock": describe_offset(manager.now.offset),
