@@ -43,6 +43,24 @@ def test_refresh_answered_with_the_same_token_says_so_and_until_when(us, clock, 
     assert "token renewed" not in out and fake_token(1) not in out
 
 
+def test_refresh_after_delete_answered_with_the_earlier_token_says_it_was_re_sent(us, clock, capsys):
+    with responses.RequestsMock() as mock:
+        mock.post(TOKEN_URL, json=token_answer(fake_token(1), clock() + DAY))
+        assert cli(us, "get") == 0
+        assert cli(us, "delete") == 0
+        clock.advance(120)
+        mock.post(TOKEN_URL, json=token_answer(fake_token(1), clock() + DAY - 120))  # within 6 h: re-sent
+        capsys.readouterr()
+        assert cli(us, "refresh") == 0
+        out = capsys.readouterr().out
+        assert "US token not renewed: the broker re-sent a token it had issued earlier" in out
+        assert "token renewed" not in out
+        clock.advance(7 * 3600)
+        mock.post(TOKEN_URL, json=token_answer(fake_token(2), clock() + DAY))  # after 6 h: a new one
+        assert cli(us, "refresh") == 0
+    assert "US token renewed:" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("how", ["revoke", "delete"])
 def test_check_after_a_revoke_or_delete_claims_no_renewal(us, clock, capsys, how):
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:

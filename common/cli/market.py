@@ -38,6 +38,9 @@ from common.errors import KISTokenError
 from common.settings import LOG_LEVEL_VAR
 
 CHECK_EXIT = {"ok": 0, "renewal_due": 1, "missing": 2, "expired": 2}
+#: A new token lives 24 h from its issuance; one the broker re-sends keeps its first expiry, so it has
+#: at least a minute less (one request a minute), less this allowance for the round trip.
+TOKEN_LIFETIME, RESENT_SLACK = 86400.0, 30.0
 #: The commands that may send a request (and wait for it): a slow one says so (``common.cli.progress``).
 _MAY_REQUEST = frozenset({"get", "approval", "refresh", "warmup", "revoke"})
 #: Errors writing stdout that mean the output is lost, not that the command failed to work.
@@ -314,11 +317,13 @@ def _refresh(manager, args: argparse.Namespace) -> int:
         _error(args, f"{args.market} token renewal failed: {message}{_kept_note(manager, before)}")
         return code
     now = manager.now()
-    if before is not None and before.access_token == record.access_token:
+    same = before is not None and before.access_token == record.access_token
+    if same or record.expires_at - record.issued_at < TOKEN_LIFETIME - RESENT_SLACK:
         from common.clock import to_kst_iso
         from common.credentials.records import mask_token
 
-        _say(args, f"{args.market} token not renewed: the broker re-sent the same token "
+        what = "the same token" if same else "a token it had issued earlier (this one was deleted meanwhile)"
+        _say(args, f"{args.market} token not renewed: the broker re-sent {what} "
                    f"{mask_token(record.access_token)} (it does so within 6 h of issuing one); still valid "
                    f"until {to_kst_iso(record.expires_at)} ({_left(record.seconds_left(now))})")
     else:
