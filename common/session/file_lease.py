@@ -20,6 +20,8 @@ import contextlib
 import logging
 import math
 import os
+import socket
+import time
 from pathlib import Path
 
 from common.errors import StoreError
@@ -28,6 +30,8 @@ from common.store import file_store, fs
 
 #: Bytes of a lease record (JSON padded with spaces): every write is the same size, in place.
 RECORD_SIZE = 512
+#: How long a process refused the lock reads the record again while it names no live holder.
+READ_AGAIN = 0.1
 
 _log = logging.getLogger(__name__)
 
@@ -63,8 +67,7 @@ class FileLease:
         fd = self._open()
         try:
             if not fs.try_lock(fd):
-                found = self._read(fd)
-                raise LeaseHeld(found[0] if found else None)
+                raise LeaseHeld(self._holder_of_locked(fd))
         except OSError as exc:
             os.close(fd)
             raise StoreError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
@@ -137,6 +140,18 @@ class FileLease:
 
     # -- the file -----------------------------------------------------------------------------
 
+    def _holder_of_locked(self, fd: int) -> Holder | None:
+        """The holder a lock another process holds names. It writes its record right after taking
+        the lock, so a record that names no one, or a process of this host that is gone, is read
+        again for up to :data:`READ_AGAIN` seconds (the message should name the real holder)."""
+        deadline = time.monotonic() + READ_AGAIN
+        while True:
+            found = self._read(fd)
+            holder = found[0] if found else None
+            if (holder is not None and _alive(holder)) or time.monotonic() >= deadline:
+                return holder
+            time.sleep(0.002)
+
     def _read(self, fd: int) -> tuple[Holder | None, float] | None:
         """The record (read up to three times: a read torn by the holder's write fails to parse)."""
         for _ in range(3):
@@ -173,3 +188,17 @@ class FileLease:
             with contextlib.suppress(OSError):
                 file_store.hand_to_directory_owner(fd, self.path.parent, st)
         return fd
+
+
+def _alive(holder: Holder) -> bool:
+    """False only when ``holder`` is a process of this host that no longer runs (POSIX; elsewhere,
+    and for other hosts, True: signal 0 is no probe on Windows)."""
+    if os.name != "posix" or holder.host != socket.gethostname()[:64]:
+        return True
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

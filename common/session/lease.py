@@ -95,36 +95,45 @@ class SessionLease:
         raise AssertionError("unreachable")
 
     def _try_take(self) -> float:
-        """One try at both leases; the session's start (wall clock) when both (or the file) are had."""
-        last = self.local.take()
+        """One try at both leases, the server's first (so that a process refused anywhere is told the
+        key's real holder), then the host's file; the session's start (wall clock) when both (or the
+        file alone, the server not answering) are had."""
+        now = self.clock()
+        holder = Holder.this_process(self.market, now)
+        server_delay = 0.0
+        self.on_server = False
+        if self.shared is not None:
+            try:
+                server_delay = self.shared.take(holder, self.times.ttl, self.times.pace)
+                self.on_server = True
+            except StoreUnreachableError as exc:
+                _log.warning("WebSocket session: the token store %s does not answer (%s); the %s key's "
+                             "session is held for this host only (%s) until it does: another host "
+                             "could connect meanwhile", self.shared.link.url, exc, self.market,
+                             self.local.location)
         try:
-            now = self.clock()
-            delay = pace_delay(last, now, self.times.pace)
-            holder = Holder.this_process(self.market, now)
-            self.on_server = False
-            if self.shared is not None:
-                try:
-                    delay = max(delay, self.shared.take(holder, self.times.ttl, self.times.pace))
-                    self.on_server = True
-                except StoreUnreachableError as exc:
-                    _log.warning("WebSocket session: the token store %s does not answer (%s); the %s key's "
-                                 "session is held for this host only (%s) until it does: another host "
-                                 "could connect meanwhile", self.shared.link.url, exc, self.market,
-                                 self.local.location)
-            start = now + delay
-            self.holding = Holder(holder.host, holder.pid, holder.market, start)
-            self.local.record(self.holding, start)
+            last = self.local.take()
         except BaseException:
-            if self.on_server and self.shared is not None:
-                with contextlib.suppress(StoreUnreachableError):
-                    self.shared.release()
-            self.on_server = False
+            self._let_server_go()
+            raise
+        try:
+            start = now + max(server_delay, pace_delay(last, now, self.times.pace))
+            self.holding = Holder(holder.host, holder.pid, holder.market, start)
+            self.local.record(self.holding, start)  # at once: a process refused the lock reads it
+        except BaseException:
             self.holding = None
-            self.local.release()
+            self._let_server_go()
+            self.local.release(last if last is not None and math.isfinite(last) else 0.0)  # as it was
             raise
         if self.shared is not None:
             self._start_heartbeat()
         return start
+
+    def _let_server_go(self) -> None:
+        if self.on_server and self.shared is not None:
+            with contextlib.suppress(StoreUnreachableError):
+                self.shared.release()
+        self.on_server = False
 
     def release(self) -> None:
         """Give the lease back (the server's first, then the host's file); safe to call twice."""
