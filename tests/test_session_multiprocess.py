@@ -12,6 +12,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,3 +153,16 @@ def test_leases_of_the_key_start_a_pacing_interval_apart(sandbox_process, tmp_pa
     assert len(starts) == 3  # each waited its turn, none was refused
     assert all(later - earlier >= PACE - 0.05 for earlier, later in itertools.pairwise(starts))
     assert_no_second_session(sandbox_process, 3)
+
+
+@pytest.mark.slow
+def test_the_session_lease_bench_runs_end_to_end():
+    """``bench/session_lease.py`` (not a section of ``bench/run.py``): its figures are printed, not
+    asserted; the sandbox it reports on saw no second session."""
+    result = subprocess.run([sys.executable, "bench/session_lease.py", "--quick"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for heading in ("hand-over after SIGKILL", "one host (file lease)", "two hosts, one Valkey",
+                    "µs per acquire + release"):
+        assert heading in result.stdout
+    assert " 0 `OPSP8996`" in result.stdout

@@ -75,7 +75,7 @@ def run(start: float, hold: float, wait: float, times: SessionTimes) -> None:
 def main(argv: list[str]) -> int:
     """Run :func:`run` with the command line's arguments."""
     start, hold, wait, ttl, pace = (float(value) for value in argv)
-    run(start, hold, wait, SessionTimes(ttl=ttl, heartbeat=ttl / 3, pace=pace, poll=0.05))
+    run(start, hold, wait, SessionTimes(ttl=ttl, heartbeat=ttl / 3, pace=pace))
     return 0
 
 
