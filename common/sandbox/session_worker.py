@@ -24,11 +24,31 @@ import os
 import sys
 import time
 import urllib.request
+from types import SimpleNamespace
 from typing import Any
 
+from common.base_token_manager import BaseTokenManager
 from common.errors import SessionHeldError
 from common.session import SessionTimes, raise_if_refused
-from us.token_manager import USTokenManager
+
+
+class USMarket(BaseTokenManager):
+    """The US market's three hooks on its variables (``KIS_US_APP_KEY`` ...), written out here because
+    ``common`` never imports a market; the facade it runs is the package's own."""
+
+    market_config = SimpleNamespace(APP_KEY_VAR="KIS_US_APP_KEY", APP_SECRET_VAR="KIS_US_APP_SECRET")
+
+    def get_api_url(self) -> str:
+        """``KIS_US_BASE_URL``, else ``KIS_BASE_URL``."""
+        return self.settings.base_url("KIS_US_BASE_URL")
+
+    def get_app_credentials(self) -> tuple[str, str]:
+        """``(KIS_US_APP_KEY, KIS_US_APP_SECRET)``."""
+        return self.settings.require("KIS_US_APP_KEY"), self.settings.require("KIS_US_APP_SECRET")
+
+    def get_token_file_prefix(self) -> str:
+        """``us_``."""
+        return "us_"
 
 
 def say(event: str, **fields: Any) -> None:
@@ -54,7 +74,7 @@ def run(start: float, hold: float, wait: float, times: SessionTimes) -> None:
     """Ask for the lease at ``start`` and hold the session ``hold`` seconds (see the module docstring)."""
     from websockets.sync.client import connect
 
-    manager = USTokenManager()
+    manager = USMarket()
     manager.get_approval_key()  # every process of the key: one request (single flight)
     url = ws_url(manager.get_api_url())
     time.sleep(max(0.0, start - time.time()))
