@@ -1,4 +1,4 @@
-"""Benchmark of the WebSocket session lease (issue 19, SPEC §13): ``python bench/session_lease.py [--quick]``.
+"""Benchmark of the WebSocket session lease (issue 19): ``python bench/session_lease.py [--quick]``.
 
 Not a section of ``bench/run.py`` (run it on its own). It starts the sandbox (with its WebSocket
 endpoint) and a real Redis/Valkey server on 127.0.0.1 (``common.sandbox.redis_server``), works in a

@@ -1,4 +1,4 @@
-"""The per-key WebSocket session lease (issue 19, SPEC §13): the broker's one session per app key,
+"""The per-key WebSocket session lease (issue 19): the broker's one session per app key,
 kept for every process of a key on a host (through the token directory) and every host (through
 ``KIS_TOKEN_STORE``).
 
