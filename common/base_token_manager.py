@@ -265,6 +265,34 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
         """The key's stored approval key record, or None (no request)."""
         return self._approval_engine().current()
 
+    # -- the WebSocket session (common.session) ----------------------------------------------
+
+    def websocket_session(self, wait: float = 0.0, *, times: Any = None) -> Any:
+        """``with manager.websocket_session() as approval_key:`` holds the key's one WebSocket session
+        lease (every process and host of the key, ``common.session``) for the block, which gets the
+        key's approval key; released on leaving it (an exception too).
+
+        Args:
+            wait: seconds to wait for another holder to let go (default: none).
+            times: the lease's bounds (a :class:`common.session.SessionTimes`; tests pass short ones).
+
+        Raises:
+            SessionHeldError: another process or host held it all that time (the message names it).
+            TokenUnavailableError: no approval key could be had (the lease is given back).
+        """
+        return self._session_lease(times).hold(wait, self.get_approval_key)
+
+    def websocket_session_async(self, wait: float = 0.0, *, times: Any = None) -> Any:
+        """``async with manager.websocket_session_async() as approval_key:``: :meth:`websocket_session`
+        for asyncio (the waits run in a worker thread; the loop keeps running)."""
+        return self._session_lease(times).hold_async(wait, self.get_approval_key_async)
+
+    def _session_lease(self, times: Any) -> Any:
+        from common.session import open_session
+
+        return open_session(self.settings, self.settings.token_dir, self.credential.key_id, self.market,
+                            times=times)
+
     # -- operations ---------------------------------------------------------------------------
 
     def refresh_token(self) -> TokenRecord:

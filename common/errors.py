@@ -144,3 +144,23 @@ class BudgetTimeoutError(KISTokenError):
     def __init__(self, message: str, retry_in: float | None = None) -> None:
         super().__init__(message)
         self.retry_in = retry_in
+
+
+class SessionHeldError(KISTokenError):
+    """The app key's one WebSocket session is held by another process or host (the broker allows one
+    a key and answers a second ``OPSP8996 ALREADY IN USE appkey``), and it was not freed within the
+    caller's wait; or the broker said so itself (held elsewhere, outside this package).
+
+    Attributes:
+        holder: who holds it, when known (a ``common.session.Holder``: host, pid, market, since); None
+            when the broker said ``OPSP8996`` or the holder has not written its record yet.
+        elsewhere: True when the broker refused the session (``OPSP8996``): a program that does not
+            use this package's lease holds it.
+    """
+
+    retryable = True
+
+    def __init__(self, message: str, holder: object = None, elsewhere: bool = False) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.elsewhere = elsewhere
