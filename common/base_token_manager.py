@@ -15,7 +15,8 @@ import abc
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 from common.clock import BrokerClock
 from common.credentials.approval_kind import ApprovalKind, ApprovalRecord
@@ -32,6 +33,10 @@ from common.settings import Settings
 from common.store import host_clock, selection
 from common.store.mirror import MarketMirror, StoryFiles
 from common.store.protocols import KeyStore, RenewalState
+
+if TYPE_CHECKING:
+    from common.session.holder import SessionTimes
+    from common.session.lease import SessionLease
 
 ALERT_WEBHOOK_VAR = "KIS_ALERT_WEBHOOK_URL"
 
@@ -267,7 +272,8 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
 
     # -- the WebSocket session (common.session) ----------------------------------------------
 
-    def websocket_session(self, wait: float = 0.0, *, times: Any = None) -> Any:
+    def websocket_session(self, wait: float = 0.0, *, times: SessionTimes | None = None
+                          ) -> AbstractContextManager[str]:
         """``with manager.websocket_session() as approval_key:`` holds the key's one WebSocket session
         lease (every process and host of the key, ``common.session``) for the block, which gets the
         key's approval key; released on leaving it (an exception too).
@@ -282,12 +288,13 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
         """
         return self._session_lease(times).hold(wait, self.get_approval_key)
 
-    def websocket_session_async(self, wait: float = 0.0, *, times: Any = None) -> Any:
+    def websocket_session_async(self, wait: float = 0.0, *, times: SessionTimes | None = None
+                                ) -> AbstractAsyncContextManager[str]:
         """``async with manager.websocket_session_async() as approval_key:``: :meth:`websocket_session`
         for asyncio (the waits run in a worker thread; the loop keeps running)."""
         return self._session_lease(times).hold_async(wait, self.get_approval_key_async)
 
-    def _session_lease(self, times: Any) -> Any:
+    def _session_lease(self, times: SessionTimes | None) -> SessionLease:
         from common.session import open_session
 
         return open_session(self.settings, self.settings.token_dir, self.credential.key_id, self.market,
