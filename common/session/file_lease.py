@@ -10,7 +10,7 @@ replaced: a new inode would be a second lock). A process refused the lock reads 
 
 The file is opened as every token-directory file is (``common.store.fs``): never through a symbolic
 link, never blocking on a FIFO, only if it is a regular file of at most
-:data:`common.store.file_store.MAX_FILE_SIZE` bytes; created 0600 and handed to the directory's owner
+:data:`common.store.files.MAX_FILE_SIZE` bytes; created 0600 and handed to the directory's owner
 when root creates it. It is never deleted (deleting a lock file breaks mutual exclusion).
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from common.errors import StoreError
 from common.session.holder import Holder, LeaseHeld, decode_record, encode_record
-from common.store import file_store, fs
+from common.store import files, fs
 
 #: Bytes of a lease record (JSON padded with spaces): every write is the same size, in place.
 RECORD_SIZE = 512
@@ -119,7 +119,7 @@ class FileLease:
             StoreError: the file is not a regular file, or cannot be read.
         """
         try:
-            fd, _ = fs.open_regular(self.path, fs.READ, max_size=file_store.MAX_FILE_SIZE)
+            fd, _ = fs.open_regular(self.path, fs.READ, max_size=files.MAX_FILE_SIZE)
         except FileNotFoundError:
             return None
         except fs.NotRegularFileError as exc:
@@ -175,10 +175,10 @@ class FileLease:
             return True
 
     def _open(self) -> int:
-        file_store.prepare_directory(self.path.parent)
+        files.prepare_directory(self.path.parent)
         try:
-            fd, st = fs.open_regular(self.path, fs.LOCK, file_store.FILE_MODE,
-                                     max_size=file_store.MAX_FILE_SIZE)
+            fd, st = fs.open_regular(self.path, fs.LOCK, files.FILE_MODE,
+                                     max_size=files.MAX_FILE_SIZE)
         except fs.NotRegularFileError as exc:
             raise StoreError(f"cannot use the session lease file {self.path}: it {exc.reason}; "
                              "remove it") from None
@@ -186,7 +186,7 @@ class FileLease:
             raise StoreError(f"cannot open {self.path}: {exc.strerror or exc}") from None
         if st.st_size == 0:
             with contextlib.suppress(OSError):
-                file_store.hand_to_directory_owner(fd, self.path.parent, st)
+                files.hand_to_directory_owner(fd, self.path.parent, st)
         return fd
 
 
