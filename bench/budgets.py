@@ -1,4 +1,4 @@
-"""Benchmark of the per-key call budget (issue 19, SPEC §13): ``python bench/budgets.py [--quick]``.
+"""Benchmark of the per-key call budget: ``python bench/budgets.py [--quick]``.
 
 It starts a real Redis/Valkey server on 127.0.0.1 (``common.sandbox.redis_server``) and works in a temporary
 directory; every child is bounded and stopped at the end. Progress goes to stderr; stdout carries a

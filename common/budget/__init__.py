@@ -1,4 +1,4 @@
-"""The per-key call budget (issue 19, SPEC §13): the broker's calls-a-second limit, kept for every
+"""The per-key call budget: the broker's calls-a-second limit, kept for every
 process of an app key on a host (through the token directory) and every host (through the store).
 
 The broker answers ``EGW00201`` beyond 18 REST calls a second per app key on a real account, 1 on a
