@@ -7,9 +7,10 @@ Configured by the environment as any trading process is (``KIS_US_APP_KEY`` ...,
 pointing at the sandbox, ``KIS_TOKEN_DIR``, ``KIS_TOKEN_STORE``, ``KIS_ENV``, ``KIS_RATE_LIMIT``).
 It gets the token first, waits until the wall-clock time START (so that every worker begins
 together), then sends quote requests through a ``requests.Session`` with ``KISAuth`` until START +
-DURATION, and prints one JSON object: ``{"sent": answers received, "codes": {code: count}}``,
-``code`` being each answer's ``msg_cd`` (``"0"`` for a success). Exit code 0, or 1 with the error
-on stderr.
+DURATION, and prints one JSON object: ``{"sent": answers received, "in_window": those received by
+START + DURATION, "codes": {code: count}}``, ``code`` being each answer's ``msg_cd`` (``"0"`` for a
+success). (A request begun just before the end waits for its slot, which may come after it: the
+rate is ``in_window`` over DURATION.) Exit code 0, or 1 with the error on stderr.
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ def spend(start: float, duration: float, market: str = "us") -> dict[str, object
     session.auth = KISAuth(manager)
     url = manager.get_api_url() + QUOTE
     codes: Counter[str] = Counter()
+    in_window = 0
     time.sleep(max(0.0, start - time.time()))
     end = time.monotonic() + duration
     while time.monotonic() < end:
         answer = session.get(url, params={"EXCD": "NAS", "SYMB": "AAPL"}, timeout=30).json()
         codes["0" if answer.get("rt_cd") == "0" else str(answer.get("msg_cd"))] += 1
-    return {"sent": sum(codes.values()), "codes": dict(codes)}
+        in_window += time.monotonic() <= end
+    return {"sent": sum(codes.values()), "in_window": in_window, "codes": dict(codes)}
 
 
 def main(argv: list[str]) -> int:
