@@ -121,7 +121,7 @@ def cost_per_call(budget: CallBudget, batches: int, calls: int = 1000) -> float:
 def run(ctx: Context) -> list[str]:
     """The budgets section's Markdown lines."""
     quick = ctx.profile.startup_rounds < 21
-    duration = 3.0 if quick else 6.0
+    duration = 2.0 if quick else 6.0
     setups = (("1 process", ["one"], 1, False), ("8 processes, one host", ["eight"], 8, False),
               ("8 x 2 hosts, one Valkey", ["a", "b"], 8, True))
     server = RedisServer(ctx.tmp / "budget-redis").start()
