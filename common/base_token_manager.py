@@ -18,6 +18,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+from common.budget.limiter import CallBudget
 from common.clock import BrokerClock
 from common.credentials.approval_kind import ApprovalKind, ApprovalRecord
 from common.credentials.identity import Credential
@@ -374,3 +375,26 @@ class BaseTokenManager(AsyncMethods, abc.ABC):
         from common.auth.broker import create_broker
 
         return create_broker(self, acc_no, **kwargs)
+
+    # -- the key's call budget (issue 19; README "Per-key call budget") ----------------------
+
+    _call_budget: CallBudget | None = None
+
+    def call_budget(self) -> CallBudget:
+        """The app key's calls-a-second budget (``KIS_RATE_LIMIT``), shared by the key's processes
+        (token directory) and hosts (``KIS_TOKEN_STORE``); one per key per process (both markets)."""
+        if self._call_budget is None:
+            from common.budget.shared import budget_for
+
+            self._call_budget = budget_for(self.settings, self.settings.token_dir, self.credential.key_id)
+        return self._call_budget
+
+    def acquire_call(self, timeout: float | None = None) -> float:
+        """Wait for the key's next free slot before a REST request sent without ``KISAuth``; return
+        the seconds waited. Raises ``BudgetTimeoutError`` at once if none comes within ``timeout``
+        (default 30 s). On an ``EGW00201`` answer call ``call_budget().note_refusal()``."""
+        return self.call_budget().acquire(timeout)
+
+    async def acquire_call_async(self, timeout: float | None = None) -> float:
+        """:meth:`acquire_call` for asyncio code (awaited; never blocks the event loop)."""
+        return await self.call_budget().acquire_async(timeout)

@@ -12,6 +12,8 @@
 usual case) is marked ``shared``. Like ``check`` it never prints a full token, and it sends no
 request to the broker. Beside each market's token it shows the last failure that stands in the way
 of the next renewal: the broker's refusal code, an unreachable broker (its URL), or a store problem.
+Under the table, one line per app key: its call budget (calls and ``EGW00201`` answers in the last
+minute, the rate, where the budget is kept).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 from common.cli.market import (
     CHECK_EXIT,
     CHECK_UNKNOWN,
+    budget_summary,
     check_configuration,
     configure_logging,
     describe_error,
@@ -177,7 +180,7 @@ def _market_info(market: str, settings: Any, problem: str | None) -> dict[str, A
             problem = describe_error(exc, manager)[0]
     info = unknown_info(manager, market, problem)
     info.update(issued_at=None, expires_at=None, seconds_left=None, token=None, key_fingerprint=None,
-                last_failure=None)
+                call_budget=None, last_failure=None)
     info["exit"] = CHECK_UNKNOWN
     return info
 
@@ -207,6 +210,13 @@ def render_table(report: dict[str, Any]) -> str:
              for row in rows]
     if report["shared"]:
         lines.append("us and kr share one token (the same app key and environment): one issuance serves both")
+    budgets: dict[tuple[str, str], list[str]] = {}  # one line per key: both markets may share it
+    for market, info in report["markets"].items():
+        if info.get("call_budget") is not None and info["key_fingerprint"] is not None:
+            budgets.setdefault((info["environment"], info["key_fingerprint"]), []).append(market)
+    for (_, key), markets in budgets.items():
+        info = report["markets"][markets[0]]
+        lines.append(f"calls ({' and '.join(markets)}, key {key}): {budget_summary(info['call_budget'])}")
     clocks = {info.get("clock") for info in report["markets"].values()} - {None}
     lines.extend(f"clock: {text}" for text in sorted(clocks))
     return "\n".join(lines)

@@ -14,10 +14,10 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_benchmark_quick_run_prints_every_section():
     result = subprocess.run([sys.executable, "bench/run.py", "--quick"], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=420)
     assert result.returncode == 0, result.stderr[-2000:]
     for heading in ("## Machine", "### 1. Hot path", "### 2. CLI start-up", "### 3. Single flight",
-                    "### 4. Crash safety", "### 5. Memory"):
+                    "### 4. Crash safety", "### 5. Memory", "### 9. Per-key call budget"):
         assert heading in result.stdout
     # Single flight, per app key: 1 request per key, one token per key, no failure; timings not read.
     cells = {

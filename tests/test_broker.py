@@ -275,7 +275,8 @@ def test_a_second_rejection_is_returned_not_looped(us, http, clock):
 
 def test_other_answers_are_not_retried(us, http):
     seed(us, 1)
-    busy = {"rt_cd": "1", "msg_cd": "EGW00201", "msg1": "초당 거래건수를 초과하였습니다."}
+    # (EGW00201 is resent after the key's next slot, a bounded number of times: test_budget_wiring)
+    busy = {"rt_cd": "1", "msg_cd": "EGW00002", "msg1": "서버 에러"}
     http.get(REAL_HOST + US_PRICE, json=busy, status=500)
     assert us.create_broker().fetch_price("AAPL") == busy
     assert len(http.calls) == 1

@@ -384,7 +384,12 @@ def assert_check_schema(info: dict[str, Any]) -> None:
         "approval",
         "expires_at", "seconds_left", "token", "renewal_window_seconds", "last_renewal", "files", "store",
         "clock_offset_seconds", "clock", "daily_limit", "issued_24h", "problem", "removed", "last_failure",
+        "call_budget",
     }
+    budget = info["call_budget"]
+    assert set(budget) == {"rate", "paced_rate", "calls_last_minute", "egw00201_last_minute",
+                           "egw00201_total", "backend", "store_down", "hosts", "location", "error"}
+    assert budget["rate"] == 18.0 and budget["backend"] in ("file", "redis") and budget["error"] is None
     assert info["problem"] is None
     assert type(info["clock_offset_seconds"]) is int and info["clock"] is None
     assert info["daily_limit"] == 10 and type(info["issued_24h"]) is int

@@ -13,7 +13,16 @@ manager instead:
   forced refresh, another process) reaches the next call without rebuilding the broker;
 * every API method is wrapped: an answer that says the token was rejected (``EGW00123`` expired,
   ``EGW00121`` invalid, read by :func:`common.auth.requests_auth.rejected_token_code`) makes one
-  :meth:`~BaseTokenManager.replace_rejected_token` and one retry of that call, never more.
+  :meth:`~BaseTokenManager.replace_rejected_token` and one retry of that call, never more;
+* every request to the broker waits for the key's next free slot in
+  :meth:`~BaseTokenManager.call_budget`: mojito reads ``access_token`` once for each request it
+  builds, just before sending it, so the property takes the slot (inside a wrapped API call), and
+  ``issue_hashkey`` (which sends without the token) takes one before it runs. An ``EGW00201``
+  answer is counted and the call repeated after the next free slot, as ``KISAuth`` does (at most
+  three times within 5 s per outermost call, ``common.budget.resend``). No mojito code is patched:
+  a mojito method that sent a request without reading ``access_token`` would go unpaced (none in
+  mojito2 0.1.x does, but ``fetch_symbols`` downloads master files from another host, which the
+  budget rightly does not count).
 
 This module imports mojito (and pandas) only when a broker is built; the manager imports this
 module only from :meth:`BaseTokenManager.create_broker`.
@@ -29,10 +38,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from common.auth.requests_auth import rejected_token_code
+from common.auth.requests_auth import answer_code
 from common.auth.source import TokenSource
+from common.budget.resend import RATE_EXCEEDED_CODE, Resends
 from common.errors import ConfigError
 
+#: mojito methods that send a request to the broker without reading ``access_token``: each takes a
+#: slot of the key's budget before it runs.
+UNTOKENED_CALLS = frozenset({"issue_hashkey"})
 #: An account number: 8 digits, a dash, the 2-digit product code.
 ACCOUNT_PATTERN = re.compile(r"\d{8}-\d{2}")
 
@@ -97,18 +110,22 @@ def broker_class() -> type:
 
 
 class _CallState(threading.local):
-    """Per thread: the token the current broker call sends, and whether it was retried."""
+    """Per thread: the token the current broker call sends, whether it was retried, and its
+    ``EGW00201`` resends."""
 
     depth = 0
     token: str | None = None
     retried = False
+    resends: Resends | None = None
 
 
 class _ManagedToken:
     """A ``mojito.KoreaInvestment`` whose token, host and renewals belong to a token manager.
 
-    ``access_token`` reads the manager's token at every call; assignments to it are ignored.
-    An API call answered with ``EGW00123``/``EGW00121`` renews once and is sent once more.
+    ``access_token`` reads the manager's token at every call, and inside an API call first waits
+    for the key's next free slot; assignments to it are ignored. An API call answered with
+    ``EGW00123``/``EGW00121`` renews once and is sent once more; one answered ``EGW00201`` is sent
+    again after the next free slot (bounded).
     """
 
     def __init__(self, manager: TokenSource, *args: Any, **kwargs: Any) -> None:
@@ -121,8 +138,9 @@ class _ManagedToken:
         """``Bearer <token>``: the manager's valid token, the same one throughout an API call."""
         calls = self._calls
         token = calls.token or self._manager.get_valid_token()
-        if calls.depth:
+        if calls.depth:  # mojito is building a request's headers: it sends right after
             calls.token = token
+            self._manager.call_budget().acquire()
         return "Bearer " + token
 
     @access_token.setter
@@ -147,32 +165,42 @@ class _ManagedToken:
 
 
 def _retry_once_on_rejection(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a mojito API method: a rejected-token answer renews once and repeats the call once.
+    """Wrap a mojito API method: a rejected-token answer renews once and repeats the call once; an
+    ``EGW00201`` answer repeats it after the key's next free slot (bounded, ``common.budget.resend``).
 
     mojito's methods return the broker's JSON answer, and some call others (``fetch_price`` calls
     ``fetch_domestic_price``). One outermost call sends one token (the first it reads) and has one
-    retry, spent by the innermost call that sees the rejection.
+    retry, spent by the innermost call that sees the rejection; its ``EGW00201`` resends are
+    counted together too.
     """
+    untokened = method.__name__ in UNTOKENED_CALLS
 
     @functools.wraps(method)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         calls: _CallState = self._calls
         outermost = calls.depth == 0
         if outermost:
-            calls.token, calls.retried = None, False
+            calls.token, calls.retried, calls.resends = None, False, None
         calls.depth += 1
         try:
-            answer = method(self, *args, **kwargs)
-            code = rejected_token_code(answer)
-            if code is not None and calls.token is not None and not calls.retried:
-                calls.retried = True
-                _log.warning(
-                    "%s broker: %s was refused with %s (token rejected); renewing and retrying once",
-                    self._manager.market, method.__name__, code,
-                )
-                calls.token = self._manager.replace_rejected_token(calls.token)
+            while True:
+                if untokened:
+                    self._manager.call_budget().acquire()
                 answer = method(self, *args, **kwargs)
-            return answer
+                code = answer_code(answer)
+                if code == RATE_EXCEEDED_CODE:
+                    calls.resends = calls.resends or Resends(self._manager.call_budget())
+                    if calls.resends.allowed():  # the next send's slot: in access_token
+                        continue
+                elif code is not None and calls.token is not None and not calls.retried:
+                    calls.retried = True
+                    _log.warning(
+                        "%s broker: %s was refused with %s (token rejected); renewing and retrying once",
+                        self._manager.market, method.__name__, code,
+                    )
+                    calls.token = self._manager.replace_rejected_token(calls.token)
+                    continue
+                return answer
         finally:
             calls.depth -= 1
             if outermost:

@@ -23,14 +23,15 @@ import httpx
 from common.auth.requests_auth import (
     KIS_HEADERS,
     Origin,
+    answer_code,
     kis_headers,
     log_replaced,
     log_replacement_failure,
     origin_key,
-    rejected_token_code,
     replacement,
 )
 from common.auth.source import TokenSource
+from common.budget.resend import RATE_EXCEEDED_CODE, Resends
 from common.errors import KISTokenError
 
 _KIS_HEADER_BYTES = frozenset(name.encode("ascii") for name in KIS_HEADERS)
@@ -38,10 +39,13 @@ _AUTHORITY_END = re.compile(rb"[/?#]")
 
 
 class KISHttpxAuth(httpx.Auth):
-    """``httpx`` authentication with the manager's token; renews and resends once on rejection.
+    """``httpx`` authentication with the manager's token and the key's call budget.
 
-    The async flow gets and replaces the token off the event loop
-    (:meth:`~common.base_token_manager.BaseTokenManager.get_valid_token_async`).
+    As :class:`~common.auth.requests_auth.KISAuth`: each send (and resend) waits for the key's next
+    free slot; a rejected token renews once and resends once; an ``EGW00201`` answer is counted and
+    resent after the next free slot, at most three times within 5 s. The async flow gets and
+    replaces the token, and uses the budget's file or server, off the event loop
+    (:meth:`~common.base_token_manager.BaseTokenManager.get_valid_token_async`), and awaits the waits.
 
     Args:
         manager: a ``USTokenManager`` or ``KRTokenManager``.
@@ -51,35 +55,52 @@ class KISHttpxAuth(httpx.Auth):
         self.manager = manager
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        """Send with the token; after a rejected-token answer, once more with its replacement."""
+        """Send with the token after the key's next slot; resend as the answer asks (see the class)."""
         guard = guard_redirects(request, SyncOriginGuard)
+        budget = self.manager.call_budget()
         token = self.manager.get_valid_token()
         request.headers.update(kis_headers(self.manager, token))
+        budget.acquire()
         response = yield request
-        code = rejected_token_code(response.read()) if guard.answered(response) else None
-        if code is not None and (new := replacement(self.manager, token, code)) is not None:
-            request.headers.update(kis_headers(self.manager, new))
-            yield request
+        renewed, resends = False, Resends(budget)
+        while guard.answered(response) and (code := answer_code(response.read())) is not None:
+            if code == RATE_EXCEEDED_CODE:
+                if not resends.again():
+                    return
+            else:
+                if renewed or (new := replacement(self.manager, token, code)) is None:
+                    return
+                renewed, token = True, new
+                request.headers.update(kis_headers(self.manager, token))
+                budget.acquire()
+            response = yield request
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
-        """The same, with the token asked for and replaced in a worker thread."""
+        """The same, with the token and the budget used in worker threads and the waits awaited."""
         guard = guard_redirects(request, AsyncOriginGuard)
+        budget = self.manager.call_budget()
         token = await self.manager.get_valid_token_async()
         request.headers.update(kis_headers(self.manager, token))
+        await budget.acquire_async()
         response = yield request
-        if not guard.answered(response):
-            return
-        code = rejected_token_code(await response.aread())
-        if code is None:
-            return
-        try:
-            new = await self.manager.replace_rejected_token_async(token)
-        except KISTokenError as exc:
-            log_replacement_failure(self.manager, code, exc)
-            return
-        log_replaced(self.manager, code)
-        request.headers.update(kis_headers(self.manager, new))
-        yield request
+        renewed, resends = False, Resends(budget)
+        while guard.answered(response) and (code := answer_code(await response.aread())) is not None:
+            if code == RATE_EXCEEDED_CODE:
+                if not await resends.again_async():
+                    return
+            else:
+                if renewed:
+                    return
+                try:
+                    token = await self.manager.replace_rejected_token_async(token)
+                except KISTokenError as exc:
+                    log_replacement_failure(self.manager, code, exc)
+                    return
+                log_replaced(self.manager, code)
+                renewed = True
+                request.headers.update(kis_headers(self.manager, token))
+                await budget.acquire_async()
+            response = yield request
 
 
 def url_origin(url: httpx.URL) -> Origin:

@@ -29,6 +29,7 @@ import requests
 from requests.utils import requote_uri
 
 from common.auth.source import TokenSource
+from common.budget.resend import RATE_EXCEEDED_CODE, Resends
 from common.errors import REJECTED_TOKEN_CODES, KISTokenError
 
 _log = logging.getLogger(__name__)
@@ -51,26 +52,39 @@ def rejected_token_code(answer: object) -> str | None:
     The code is the answer's ``msg_cd`` (else its ``error_code``), a string. Never raises: a body
     that is not JSON, not UTF-8, nested too deep, huge or of any other shape has no code.
     """
+    return answer_code(answer, REJECTED_TOKEN_CODES)
+
+
+#: The codes the adapters act on: a rejected token (renew, resend once) and ``EGW00201`` (the key's
+#: calls a second exceeded: wait for the next slot, resend; ``common.budget.resend``).
+ACTED_ON = frozenset(REJECTED_TOKEN_CODES) | {RATE_EXCEEDED_CODE}
+#: Bytes every code in :data:`ACTED_ON` contains: a body without them is not parsed.
+_MARKER = "EGW00"
+
+
+def answer_code(answer: object, codes: frozenset[str] = ACTED_ON) -> str | None:
+    """The answer's ``msg_cd`` (else ``error_code``) if it is one of ``codes`` (default
+    :data:`ACTED_ON`), else None; read as :func:`rejected_token_code` says (never raises)."""
     if isinstance(answer, bytes | bytearray):
-        if b"EGW0012" not in answer:  # fast path: most answers never mention it
+        if _MARKER.encode() not in answer:  # fast path: most answers never mention one
             return None
     elif isinstance(answer, str):
-        if "EGW0012" not in answer:
+        if _MARKER not in answer:
             return None
     else:
-        return _code_of(answer)
+        return _code_of(answer, codes)
     try:
         data = json.loads(answer)
     except (ValueError, RecursionError):  # not JSON, not UTF-8 (a ValueError), or nested too deep
         return None
-    return _code_of(data)
+    return _code_of(data, codes)
 
 
-def _code_of(data: object) -> str | None:
+def _code_of(data: object, codes: frozenset[str]) -> str | None:
     if not isinstance(data, dict):
         return None
     code = data.get("msg_cd") or data.get("error_code")
-    return code if isinstance(code, str) and code in REJECTED_TOKEN_CODES else None
+    return code if isinstance(code, str) and code in codes else None
 
 
 def origin_key(scheme: str, host: str, port: int | None) -> Origin:
@@ -145,7 +159,15 @@ def replacement(manager: TokenSource, sent: str, code: str) -> str | None:
 
 
 class KISAuth(requests.auth.AuthBase):
-    """``requests`` authentication with the manager's token; renews and resends once on rejection.
+    """``requests`` authentication with the manager's token and the key's call budget.
+
+    Before each request (and each resend) it waits for the key's next free slot in
+    :meth:`~common.base_token_manager.BaseTokenManager.call_budget` (requests applies the auth when
+    it prepares the request, just before sending it), so every process and host of the key together
+    stays within ``KIS_RATE_LIMIT``. An answer that says the token was rejected renews once and is
+    sent once more; an ``EGW00201`` answer is counted and sent again after the next free slot, at
+    most three times within 5 s (``common.budget.resend``). The caller gets the last answer; the
+    earlier ones are in its ``history``.
 
     The KIS headers never follow a redirect to another origin (scheme, host or port): requests
     itself strips only ``Authorization``, so a response hook removes all three from a request
@@ -155,41 +177,57 @@ class KISAuth(requests.auth.AuthBase):
 
     Args:
         manager: a ``USTokenManager`` or ``KRTokenManager``.
+
+    Raises (from the request):
+        BudgetTimeoutError: no slot of the key's budget within 30 s (nothing was sent).
     """
 
     def __init__(self, manager: TokenSource) -> None:
         self.manager = manager
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        """Add the headers and the hook that resends once after a rejected-token answer."""
+        """Add the headers and the hook that resends; wait for the key's next slot."""
         request.headers.update(kis_headers(self.manager, self.manager.get_valid_token()))
         # requests runs the hook on every hop's answer, before it follows that answer's redirect
         request.register_hook("response", functools.partial(self._on_answer, sent_to=request.url))
+        self.manager.call_budget().acquire()
         return request
 
     def _on_answer(self, response: requests.Response, *, sent_to: str, **kwargs: Any) -> requests.Response:
         if same_origin(str(response.request.url), sent_to):
-            response = self._resend_once(response, **kwargs)
+            response = self._resend(response, **kwargs)
         drop_kis_headers_before_foreign_redirect(response)
         return response
 
-    def _resend_once(self, response: requests.Response, **kwargs: Any) -> requests.Response:
-        request = response.request
-        code = rejected_token_code(response.content)
-        if code is None or getattr(request, "_kis_resent", False):
-            return response
-        sent = str(request.headers.get("authorization", "")).removeprefix("Bearer ")
-        token = replacement(self.manager, sent, code)
-        if token is None:
-            return response
-        response.close()
-        again = request.copy()
-        again.headers.update(kis_headers(self.manager, token))
-        again._kis_resent = True  # type: ignore[attr-defined]  # our mark on requests' own object
-        answer = response.connection.send(again, **kwargs)  # type: ignore[attr-defined]  # set by requests' adapter, untyped
-        answer.history.append(response)
-        answer.request = again
-        return answer
+    def _resend(self, response: requests.Response, **kwargs: Any) -> requests.Response:
+        """Send again while the answer asks for it (a rejected token once, ``EGW00201`` a bounded
+        number of times); the last answer."""
+        resends: Resends | None = None
+        renewed = getattr(response.request, "_kis_resent", False)
+        while (code := answer_code(response.content)) is not None:
+            request = response.request
+            again = request.copy()
+            if code == RATE_EXCEEDED_CODE:
+                resends = resends or Resends(self.manager.call_budget())
+                if not resends.again():
+                    return response
+            else:
+                if renewed:
+                    return response
+                sent = str(request.headers.get("authorization", "")).removeprefix("Bearer ")
+                token = replacement(self.manager, sent, code)
+                if token is None:
+                    return response
+                renewed = True
+                again.headers.update(kis_headers(self.manager, token))
+                self.manager.call_budget().acquire()
+            again._kis_resent = renewed  # type: ignore[attr-defined]  # our mark on requests' own object
+            response.close()
+            answer = response.connection.send(again, **kwargs)  # type: ignore[attr-defined]  # set by requests' adapter, untyped
+            answer.history[:0] = [*response.history, response]
+            answer.request = again
+            response = answer
+        return response
 
 
 def drop_kis_headers_before_foreign_redirect(response: requests.Response) -> None:

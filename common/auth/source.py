@@ -9,6 +9,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Protocol
 
+from common.budget.limiter import CallBudget
 from common.settings import Settings
 
 
@@ -53,3 +54,6 @@ class TokenSource(Protocol):
 
     async def replace_rejected_token_async(self, rejected: str) -> str:
         """:meth:`replace_rejected_token` for asyncio code."""
+
+    def call_budget(self) -> CallBudget:
+        """The app key's calls-a-second budget (one per key per process)."""

@@ -9,7 +9,6 @@ host, :mod:`common.budget.redis_backend` across hosts).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ class BudgetSnapshot:
         backend: where the state is: ``file``, ``redis``, or ``file`` with ``store_down``.
         store_down: a token store is configured but does not answer (the host paces on its own).
         hosts: hosts that used the budget in the last minute (with a store; else 1).
+        location: where the state is (the file's path, or the masked server URL and key name).
     """
 
     rate: float
@@ -49,6 +49,7 @@ class BudgetSnapshot:
     backend: str
     store_down: bool = False
     hosts: int = 1
+    location: str = ""
 
 
 class CallBudget:
@@ -60,13 +61,14 @@ class CallBudget:
         pacing: the key's rate and spacing.
         key_id: :attr:`Credential.key_id` of the key (for messages).
         sleep: the blocking sleep (``time.sleep``; tests inject a fake one).
-        async_sleep: the awaitable sleep (``asyncio.sleep``).
+        async_sleep: the awaitable sleep (default ``asyncio.sleep``; asyncio is imported only by the
+            first ``acquire_async()``, so that ``check`` never pays for it).
         timeout: how long ``acquire()`` waits at most when not told (seconds).
     """
 
     def __init__(self, backend: BudgetBackend, pacing: Pacing, key_id: str, *,
                  sleep: Callable[[float], None] = time.sleep,
-                 async_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 async_sleep: Callable[[float], Awaitable[None]] | None = None,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         self.backend = backend
         self.pacing = pacing
@@ -129,9 +131,11 @@ class CallBudget:
         Raises:
             BudgetTimeoutError: as :meth:`acquire`.
         """
+        import asyncio
+
         wait = await asyncio.to_thread(self.reserve, timeout)
         if wait > 0:
-            await self._async_sleep(wait)
+            await (self._async_sleep or asyncio.sleep)(wait)
         return wait
 
     def note_refusal(self) -> None:
@@ -142,10 +146,11 @@ class CallBudget:
     def snapshot(self) -> BudgetSnapshot:
         """The key's rate and counters now."""
         counts = self.backend.counts()
-        active = getattr(self.backend, "active", self.backend.kind)
+        active = "file" if counts.fallback else getattr(self.backend, "active", self.backend.kind)
         return BudgetSnapshot(self.rate, self.pacing.achieved_rate, counts.calls_last_minute,
                               counts.refusals_last_minute, counts.refusals_total, active,
-                              store_down=active != self.backend.kind, hosts=counts.hosts)
+                              store_down=active != self.backend.kind, hosts=counts.hosts,
+                              location=self.backend.location)
 
     def _limit(self, timeout: float | None) -> float:
         limit = self.timeout if timeout is None else timeout

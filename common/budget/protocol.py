@@ -30,12 +30,14 @@ class Counts:
         refusals_last_minute: ``EGW00201`` answers noted in the last 60 s.
         refusals_total: ``EGW00201`` answers noted since the state was made (a counter).
         hosts: hosts that used the budget in the last minute (1 for a host's own file).
+        fallback: the server did not answer; these are this host's file's counters.
     """
 
     calls_last_minute: int = 0
     refusals_last_minute: int = 0
     refusals_total: int = 0
     hosts: int = 1
+    fallback: bool = False
 
 
 class BudgetBackend(Protocol):

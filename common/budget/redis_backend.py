@@ -19,6 +19,7 @@ one per call; and one warning per outage says the key is paced on this host alon
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -209,13 +210,12 @@ class SharedBudget:
         self._answered()
 
     def counts(self) -> Counts:
-        """The server's counters, else this host's file's."""
+        """The server's counters, else this host's file's (marked ``fallback``; reading them is not
+        pacing, so it neither warns nor ends a fallback)."""
         try:
             found = self.shared.counts()
-        except StoreUnreachableError as exc:
-            self._fell_back(exc)
-            return self.local.counts()
-        self._answered()
+        except StoreUnreachableError:
+            return dataclasses.replace(self.local.counts(), fallback=True)
         self.hosts = max(1, found.hosts)
         return found
 

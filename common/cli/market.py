@@ -255,6 +255,7 @@ def _check(manager, args: argparse.Namespace) -> int:
         print(f"  clock:    {info['clock']}")
     limit = info["daily_limit"] or "no limit"
     print(f"  issuances: {info['issued_24h']} in the last 24 h (daily limit {limit}: KIS_TOKEN_DAILY_LIMIT)")
+    print(f"  calls:    {budget_summary(info['call_budget'])}")
     print(f"  key:      {info['key_fingerprint']} (record {info['files']['key_record']})")
     store = info["store"]
     reach = "answers" if store["reachable"] else f"unreachable: {store['error']}"
@@ -263,6 +264,22 @@ def _check(manager, args: argparse.Namespace) -> int:
     print(f"  issued:   {info['files']['issued_at']}")
     print(f"  mojito:   {info['files']['mojito']}")
     return code
+
+
+def budget_summary(budget: dict) -> str:
+    """One line on the key's call budget (``check`` and ``status``): its calls and ``EGW00201``
+    answers in the last minute, the rate, and where it is kept."""
+    if budget["error"] is not None:
+        return f"limit {budget['rate']:g}/s (KIS_RATE_LIMIT); counters unreadable: {budget['error']}"
+    if budget["backend"] == "redis":
+        where = f"the store, {budget['hosts']} host{'' if budget['hosts'] == 1 else 's'}"
+    elif budget["store_down"]:
+        where = "this host's file: the store does not answer"
+    else:
+        where = "this host's file"
+    return (f"{budget['calls_last_minute']} in the last minute, {budget['egw00201_last_minute']} EGW00201 "
+            f"({budget['egw00201_total']} in all); limit {budget['rate']:g}/s, paced at "
+            f"{budget['paced_rate']:g} (KIS_RATE_LIMIT); kept in {where}")
 
 
 def _renewal_lines(info: dict) -> list[str]:

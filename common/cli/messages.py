@@ -31,6 +31,7 @@ def check_configuration(manager: BaseTokenManager) -> None:
     manager.get_app_credentials()
     manager.get_api_url()
     manager.store  # noqa: B018  (KIS_TOKEN_DIR)
+    manager.settings.rate_limit  # noqa: B018  (KIS_RATE_LIMIT)
 
 
 def describe_error(exc: BaseException, manager: BaseTokenManager | None = None) -> tuple[str, int]:

@@ -23,14 +23,26 @@ Counters:
   requests this host held back itself (one a minute).
 * ``kis_token_failures_total``: requests that failed without a broker code (network, 5xx, garbage).
 
-(*) only when a record is present; (**) only when known. A family without a value is still
+The key's call budget (shared by every process and host of the app key, so the US and KR files
+of one key show the same values):
+
+* ``kis_token_call_rate_limit``: the broker's limit for the key, calls a second (``KIS_RATE_LIMIT``).
+* ``kis_token_calls_last_minute``: calls the budget let through in the last 60 s (***).
+* ``kis_token_egw00201_last_minute``: ``EGW00201`` answers seen in the last 60 s (***).
+* ``kis_token_egw00201_total`` (counter): ``EGW00201`` answers seen since the budget's state was
+  made (***).
+* ``kis_token_call_budget_store_down``: 1 if a token store is configured but does not answer (each
+  host paces the key on its own), else 0 (***).
+
+(*) only when a record is present; (**) only when known; (***) only when the budget's counters
+could be read. A family without a value is still
 declared (HELP and TYPE lines) but has no sample.
 
 The counters live in the key's renewal state (``key-<id>.state``, and the shared store's copy)
 and count from its creation.
 
 Suggested alert rules: ``kis_token_valid == 0``; ``kis_token_seconds_left < 900``;
-``increase(kis_token_refusals_total[1h]) > 0``.
+``increase(kis_token_refusals_total[1h]) > 0``; ``increase(kis_token_egw00201_total[10m]) > 0``.
 """
 
 from __future__ import annotations
@@ -136,6 +148,30 @@ class TokenCollector(Collector):
             "When a KIS token was last requested from the broker, epoch seconds.",
             state.last_request_at,
         )
+        yield from budget_metrics(info["call_budget"], gauge, labels)
+
+
+def budget_metrics(budget: dict[str, Any], gauge: Any, labels: list[str]) -> Iterator[Metric]:
+    """The key's call budget's families (see the module docstring), from ``check``'s object."""
+    read = budget["error"] is None
+    yield gauge("kis_token_call_rate_limit",
+                "The broker's REST calls a second for the app key (KIS_RATE_LIMIT).", budget["rate"])
+    yield gauge("kis_token_calls_last_minute",
+                "REST calls the app key's budget let through in the last 60 s (all processes and hosts).",
+                budget["calls_last_minute"])
+    yield gauge("kis_token_egw00201_last_minute",
+                "EGW00201 answers (calls a second exceeded) seen for the app key in the last 60 s.",
+                budget["egw00201_last_minute"])
+    total = CounterMetricFamily(
+        "kis_token_egw00201", "EGW00201 answers (calls a second exceeded) seen for the app key.",
+        labels=LABELS,
+    )
+    if read:
+        total.add_metric(labels, float(budget["egw00201_total"]))
+    yield total
+    yield gauge("kis_token_call_budget_store_down",
+                "1 if the token store does not answer and this host paces the app key alone, else 0.",
+                None if not read else int(budget["store_down"]))
 
 
 def render(manager: Any) -> str:

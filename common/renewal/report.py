@@ -7,6 +7,7 @@ from typing import Any
 
 from common.clock import describe_offset, to_kst_iso
 from common.credentials.records import mask_token
+from common.errors import KISTokenError
 from common.renewal import policy
 from common.store import selection
 
@@ -69,6 +70,7 @@ def token_info(manager: Any) -> dict[str, Any]:
         "daily_limit": manager.settings.daily_limit,
         "issued_24h": len(state.recent_issuances(now)),
         "store": described,
+        "call_budget": call_budget_info(manager),
         "problem": problem,
         "files": {
             "record": str(mirror.record_path),
@@ -79,6 +81,29 @@ def token_info(manager: Any) -> dict[str, Any]:
             "lock": store.lock.location,
         },
     }
+
+
+def call_budget_info(manager: Any) -> dict[str, Any]:
+    """The key's call budget as ``check --json`` shows it (read only: the budget's file, without its
+    lock and without creating it, or the store's counters; no request to the broker).
+
+    Returns:
+        ``{"rate", "paced_rate", "calls_last_minute", "egw00201_last_minute", "egw00201_total",
+        "backend": "file" | "redis", "store_down", "hosts", "location", "error"}``; ``error`` is
+        None, or why the counters could not be read (then they are null).
+    """
+    rate = manager.settings.rate_limit
+    try:
+        budget = manager.call_budget()
+        snap = budget.snapshot()
+    except KISTokenError as exc:  # a budget file that is not one, a store that refuses us
+        return {"rate": rate, "paced_rate": None, "calls_last_minute": None, "egw00201_last_minute": None,
+                "egw00201_total": None, "backend": None, "store_down": None, "hosts": None,
+                "location": None, "error": str(exc)}
+    return {"rate": snap.rate, "paced_rate": round(snap.paced_rate, 2),
+            "calls_last_minute": snap.calls_last_minute, "egw00201_last_minute": snap.egw00201_seen,
+            "egw00201_total": snap.egw00201_total, "backend": snap.backend, "store_down": snap.store_down,
+            "hosts": snap.hosts, "location": snap.location, "error": None}
 
 
 def _removed(state: Any) -> dict[str, Any] | None:
