@@ -348,6 +348,7 @@ def test_rejected_calls_while_the_replacement_is_held_back_cost_no_lock_no_disk_
     from common.auth import KISAuth
 
     seed(us, clock, left=20 * HOUR)
+    us.settings = us.settings.with_overrides({"KIS_RATE_LIMIT": "100000"})  # 220 calls: not paced at 18/s
     quote = REAL_HOST + "/uapi/overseas-price/v1/quotations/price"
     session = requests.Session()
     session.auth = KISAuth(us)

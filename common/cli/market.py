@@ -33,6 +33,7 @@ from common.cli.messages import (
     describe_error,
     unknown_info,
 )
+from common.cli.options import add_verbosity, configure_logging, duration
 from common.clock import format_duration
 from common.errors import KISTokenError
 from common.settings import LOG_LEVEL_VAR
@@ -151,13 +152,13 @@ def _parser(market: str, prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=f"Manage the KIS Open API token of the {market} market."
     )
-    _add_verbosity(parser)
+    add_verbosity(parser)
     parser.set_defaults(market=market, prog=prog, verbose_after=0, quiet_after=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, run: Callable[..., int], text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
-        _add_verbosity(sub, after=True)
+        add_verbosity(sub, after=True)
         sub.set_defaults(run=run)
         return sub
 
@@ -170,7 +171,7 @@ def _parser(market: str, prog: str | None = None) -> argparse.ArgumentParser:
     command("delete", _delete, "remove the app key's token (for every market that uses the key, and on every "
             "host with a shared store) and this market's token files")
     warmup = command("warmup", _warmup, "renew only if the token would expire within a horizon")
-    warmup.add_argument("--valid-for", type=_duration, default=None, metavar="DURATION",
+    warmup.add_argument("--valid-for", type=duration, default=None, metavar="DURATION",
                         help="horizon such as 8h, 90m or 3600s; a bare number is seconds (default: the "
                              "market's session)")
     command("revoke", _revoke, "revoke the token at the broker and remove local files")
@@ -179,49 +180,8 @@ def _parser(market: str, prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _add_verbosity(parser: argparse.ArgumentParser, after: bool = False) -> None:
-    """``-v``/``-q``; a command's own go to ``*_after`` so that ``-v check -v`` counts both."""
-    if after:  # unset unless given, so that the main parser's defaults stand
-        verbose = {"dest": "verbose_after", "default": argparse.SUPPRESS}
-        quiet = {"dest": "quiet_after", "default": argparse.SUPPRESS}
-    else:
-        verbose, quiet = {"dest": "verbose", "default": 0}, {"dest": "quiet", "default": False}
-    parser.add_argument("-v", "--verbose", action="count", help="more logs (-vv: debug)", **verbose)
-    parser.add_argument("-q", "--quiet", action="store_true", **quiet,
-                        help="silent on success: errors only (get, metrics and check --json still answer)")
-
-
-def configure_logging(verbose: int, quiet: bool, settings: object | None = None) -> None:
-    """Send logs to stderr at the level of ``-q`` (errors), ``-v``/``-vv``, else ``KIS_LOG_LEVEL``.
-
-    Raises:
-        ConfigError: ``KIS_LOG_LEVEL`` (environment or ``.env``) is not a log level, even when
-            ``-v`` or ``-q`` overrides it.
-    """
-    level = settings.log_level if settings is not None else "WARNING"  # type: ignore[attr-defined]
-    if quiet:
-        level = "ERROR"
-    elif verbose:
-        level = "DEBUG" if verbose > 1 else "INFO"
-    logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(message)s")
-    # urllib3's debug lines carry request paths, and a webhook's path is its secret.
-    logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLogger().level))
-
-
 def _error(args: argparse.Namespace, message: str) -> None:
     print(f"{args.prog}: error: {message}", file=sys.stderr)
-
-
-def _duration(text: str) -> float:
-    units = {"h": 3600, "m": 60, "s": 1}
-    value = text.strip().lower()
-    try:
-        number = float(value[:-1]) * units[value[-1]] if value[-1:] in units else float(value)
-    except (ValueError, IndexError):
-        raise argparse.ArgumentTypeError(f"not a duration like 8h, 90m or 3600s: {text!r}") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"the duration must be positive: {text!r}")
-    return number
 
 
 def _check(manager, args: argparse.Namespace) -> int:
