@@ -9,9 +9,14 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from common.sandbox.budget_worker import most_in_window
 from common.sandbox.redis_server import RedisServer
 from tests.conftest import finish, spawn
+
+#: Several processes on real clocks for seconds each: run by `-m slow` (and .ci/run), not a plain run.
+pytestmark = pytest.mark.slow
 
 KEY_ID = "real-0123456789abcdef"
 DURATION = 2.0

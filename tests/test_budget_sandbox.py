@@ -21,6 +21,9 @@ from common.settings import Settings
 from tests.conftest import US_KEY, US_SECRET
 from us.token_manager import USTokenManager
 
+#: Several processes on real clocks for seconds each: run by `-m slow` (and .ci/run), not a plain run.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 WORKER = str(REPO / "bench" / "auth_worker.py")
 #: Time for the workers' interpreters to start (and get the token) before they all begin at once.

@@ -24,6 +24,9 @@ from common.sandbox.redis_server import RedisServer
 from common.session.redis_lease import lease_key
 from tests.conftest import REPO, US_KEY, US_SECRET, finish, spawn
 
+#: Several processes on real clocks for seconds each: run by `-m slow` (and .ci/run), not a plain run.
+pytestmark = pytest.mark.slow
+
 TTL, PACE = 2.0, 1.0
 #: Time for the workers' interpreters to start (and take the approval key) before they all ask at once.
 START_DELAY = 4.0
@@ -155,7 +158,6 @@ def test_leases_of_the_key_start_a_pacing_interval_apart(sandbox_process, tmp_pa
     assert_no_second_session(sandbox_process, 3)
 
 
-@pytest.mark.slow
 def test_the_session_lease_bench_runs_end_to_end():
     """``bench/session_lease.py`` (not a section of ``bench/run.py``): its figures are printed, not
     asserted; the sandbox it reports on saw no second session."""
