@@ -152,15 +152,9 @@ class FileBudget:
         Raises:
             StoreError: the file is not a regular file, or cannot be read.
         """
-        try:
-            fd, _ = fs.open_regular(self.path, fs.READ, max_size=files.MAX_FILE_SIZE)
-        except FileNotFoundError:
+        fd = files.open_to_read(self.path, "call budget file")
+        if fd is None:
             return Counts()
-        except fs.NotRegularFileError as exc:
-            raise StoreError(f"cannot use the call budget file {self.path}: it {exc.reason}; "
-                             "remove it") from None
-        except OSError as exc:
-            raise StoreError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         try:
             for _ in range(3):
                 state = BudgetState.decode(os.pread(fd, SIZE + 1, 0))
@@ -243,17 +237,7 @@ class FileBudget:
             files.prepare_directory(self.path.parent)
             self._prepared = True
         try:
-            fd, st = fs.open_regular(self.path, fs.LOCK, files.FILE_MODE,
-                                     max_size=files.MAX_FILE_SIZE)
-        except fs.NotRegularFileError as exc:
-            raise StoreError(f"cannot use the call budget file {self.path}: it {exc.reason}; "
-                             "remove it") from None
-        except FileNotFoundError:  # the directory went away meanwhile
-            self._prepared = False
-            raise StoreError(f"cannot open {self.path}: the token directory is gone") from None
-        except OSError as exc:
-            raise StoreError(f"cannot open {self.path}: {exc.strerror or exc}") from None
-        if st.st_size == 0:
-            with contextlib.suppress(OSError):
-                files.hand_to_directory_owner(fd, self.path.parent, st)
-        return fd
+            return files.open_shared(self.path, "call budget file")
+        except StoreError:
+            self._prepared = False  # the directory may have gone away meanwhile: prepare it again
+            raise

@@ -118,15 +118,9 @@ class FileLease:
         Raises:
             StoreError: the file is not a regular file, or cannot be read.
         """
-        try:
-            fd, _ = fs.open_regular(self.path, fs.READ, max_size=files.MAX_FILE_SIZE)
-        except FileNotFoundError:
+        fd = files.open_to_read(self.path, "session lease file")
+        if fd is None:
             return None
-        except fs.NotRegularFileError as exc:
-            raise StoreError(f"cannot use the session lease file {self.path}: it {exc.reason}; "
-                             "remove it") from None
-        except OSError as exc:
-            raise StoreError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         try:
             if fs.try_lock(fd):  # free: let it go at once
                 fs.unlock(fd)
@@ -176,18 +170,7 @@ class FileLease:
 
     def _open(self) -> int:
         files.prepare_directory(self.path.parent)
-        try:
-            fd, st = fs.open_regular(self.path, fs.LOCK, files.FILE_MODE,
-                                     max_size=files.MAX_FILE_SIZE)
-        except fs.NotRegularFileError as exc:
-            raise StoreError(f"cannot use the session lease file {self.path}: it {exc.reason}; "
-                             "remove it") from None
-        except OSError as exc:
-            raise StoreError(f"cannot open {self.path}: {exc.strerror or exc}") from None
-        if st.st_size == 0:
-            with contextlib.suppress(OSError):
-                files.hand_to_directory_owner(fd, self.path.parent, st)
-        return fd
+        return files.open_shared(self.path, "session lease file")
 
 
 def _alive(holder: Holder) -> bool:

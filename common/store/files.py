@@ -293,3 +293,42 @@ def _owner_name(path: Path) -> str:
     except OSError:
         return "another user"
     return fs.owner_name(uid)
+
+
+def open_shared(path: Path, what: str) -> int:
+    """Open, creating it 0600, a small file that several processes lock and rewrite in place (a call
+    budget, a session lease): never through a link, never truncated, a regular file of at most
+    :data:`MAX_FILE_SIZE`; a new one is handed to the directory's owner. The caller closes it.
+
+    Raises:
+        StoreError: it is not a regular file, or cannot be opened (``what`` names it).
+    """
+    try:
+        fd, st = fs.open_regular(path, fs.LOCK, FILE_MODE, max_size=MAX_FILE_SIZE)
+    except fs.NotRegularFileError as exc:
+        raise StoreError(f"cannot use the {what} {path}: it {exc.reason}; remove it") from None
+    except FileNotFoundError:
+        raise StoreError(f"cannot open {path}: the token directory is gone") from None
+    except OSError as exc:
+        raise StoreError(f"cannot open {path}: {exc.strerror or exc}") from None
+    if st.st_size == 0:
+        with contextlib.suppress(OSError):
+            hand_to_directory_owner(fd, path.parent, st)
+    return fd
+
+
+def open_to_read(path: Path, what: str) -> int | None:
+    """Open such a file for reading, creating nothing (None: there is none). The caller closes it.
+
+    Raises:
+        StoreError: it is not a regular file, or cannot be read (``what`` names it).
+    """
+    try:
+        fd, _ = fs.open_regular(path, fs.READ, max_size=MAX_FILE_SIZE)
+    except FileNotFoundError:
+        return None
+    except fs.NotRegularFileError as exc:
+        raise StoreError(f"cannot use the {what} {path}: it {exc.reason}; remove it") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return fd
