@@ -3,7 +3,9 @@
 No credentials and no network: it starts the local stand-in of the broker on 127.0.0.1, points both
 markets at it with one demo app key (the common setup: one key serves both markets) and a temporary
 token directory, runs the real CLI commands as a user would, printing what each one shows, and
-makes authenticated calls from Python that survive the broker cutting the token short.
+makes authenticated calls from Python that survive the broker cutting the token short; two processes
+then share the key's call budget, and one holds the key's WebSocket session while another is told
+who has it.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def main() -> int:
         for title, args, step_env, want in steps[:-3]:
             expected.append((_run(title or "(same for KR)", args, step_env), want))
         expected.append((_trading_code(sandbox, env), 0))
+        expected.append((_shared_budget(sandbox, env), 0))
+        expected.append((_session_lease(env), 0))
         for title, args, step_env, want in tail:
             expected.append((_run(title or "(same for KR)", args, step_env), want))
         counters = sandbox.counters()
@@ -130,6 +134,85 @@ def _trading_code(sandbox: Sandbox, env: dict[str, str]) -> int:
     sandbox.set_offset(0)
     ok = first.json()["rt_cd"] == second.json()["rt_cd"] == "0" and rejected == ["EGW00123"]
     print(f"  ({'as expected' if ok else 'NOT as expected'})")
+    return 0 if ok else 1
+
+
+#: Each process makes this many quote calls through ``KISAuth`` as fast as it can.
+BUDGET_CALLS = 27
+_CALLER = f"""
+import requests
+from common.auth import KISAuth
+from us.token_manager import USTokenManager
+session = requests.Session()
+session.auth, session.trust_env = KISAuth(USTokenManager()), False
+params = {{"EXCD": "NAS", "SYMB": "AAPL"}}
+codes = [session.get(BASE_URL + {QUOTE!r}, params=params, timeout=30).json()["rt_cd"]
+         for _ in range({BUDGET_CALLS})]
+print(f"{{codes.count('0')}} answered")
+"""
+
+
+def _shared_budget(sandbox: Sandbox, env: dict[str, str]) -> int:
+    """Two processes calling as fast as they can share the key's 18 calls a second: no EGW00201."""
+    print("\n# Two processes, one app key: they share the key's call budget (18 a second, real)")
+    print(f"$ two bots at once, each: {BUDGET_CALLS} x session.get(quote) with KISAuth")
+    before = sandbox.counters()
+    code = _CALLER.replace("BASE_URL", repr(sandbox.base_url))
+    started = time.monotonic()
+    bots = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [bot.communicate(timeout=60) for bot in bots]
+    took = time.monotonic() - started
+    for number, (out, err) in enumerate(outputs, 1):
+        print(f"  bot {number}: {out.strip() or err.strip()[-200:]}")
+    after = sandbox.counters()
+    calls = after["rest_calls"].get(DEMO_KEY, 0) - before["rest_calls"].get(DEMO_KEY, 0)
+    refused = after["rest_egw00201"].get(DEMO_KEY, 0) - before["rest_egw00201"].get(DEMO_KEY, 0)
+    print(f"  the broker served {calls} calls in {took:.1f} s (with the bots' start-up) and refused "
+          f"{refused} with EGW00201 (calls per second exceeded)")
+    ok = all(bot.returncode == 0 for bot in bots) and calls == 2 * BUDGET_CALLS and refused == 0
+    print(f"  ({'as expected' if ok else 'NOT as expected'})")
+    return 0 if ok else 1
+
+
+_HOLDER = """
+import sys, time
+from us.token_manager import USTokenManager
+with USTokenManager().websocket_session() as approval_key:
+    print("holding the key's WebSocket session", flush=True)
+    sys.stdin.readline()
+"""
+_SECOND = """
+from common.errors import SessionHeldError
+from kr.token_manager import KRTokenManager
+try:
+    with KRTokenManager().websocket_session():
+        print("got it (NOT expected)")
+except SessionHeldError as exc:
+    print(f"refused at once: {exc}")
+"""
+
+
+def _session_lease(env: dict[str, str]) -> int:
+    """One process holds the key's WebSocket session lease; another (the other market) is told who."""
+    print("\n# The WebSocket session: one per app key (the broker answers a second with OPSP8996)")
+    print("$ bot 1: with USTokenManager().websocket_session() as approval_key: ...   (kept open)")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = holder.stdout.readline().strip() if holder.stdout else ""
+        print(f"  bot 1: {first}")
+        print("$ bot 2: with KRTokenManager().websocket_session(): ...   (same key)")
+        second = subprocess.run([sys.executable, "-c", _SECOND], env=env, capture_output=True, text=True,
+                                timeout=60)
+        answer = (second.stdout.strip() or second.stderr.strip()[-300:])
+        print(f"  bot 2: {answer}")
+    finally:
+        holder.communicate("\n", timeout=30)
+    named = f"pid {holder.pid}" in answer
+    ok = first.startswith("holding") and answer.startswith("refused at once") and named
+    verdict = "as expected" if ok else "NOT as expected"
+    print(f"  ({verdict}: bot 1 keeps its session; bot 2 knows whom to ask)")
     return 0 if ok else 1
 
 
