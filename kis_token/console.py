@@ -187,7 +187,7 @@ def _market_info(market: str, settings: Any, problem: str | None) -> dict[str, A
 
 def render_table(report: dict[str, Any]) -> str:
     """The ``status`` table: one row per market, then a note on a shared token. A ``LAST FAILURE``
-    column is added when a market has one (see :func:`common.cli.report.last_failure`)."""
+    column is added when a market has one (see :func:`common.renewal.report.last_failure`)."""
     header = ("MARKET", "ENV", "KEY", "STATE", "EXPIRES", "LEFT", "TOKEN", "LAST FAILURE")
     rows = [header]
     for market, info in report["markets"].items():

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common.budget.file_backend import FileBudget
 from common.budget.pacing import MAX_WAIT, Pacing
@@ -160,7 +161,7 @@ class CallBudget:
 
 
 def open_budget(settings: Settings, directory: Path, key_id: str, *,
-                clock: Callable[[], float] = time.monotonic, **options: object) -> CallBudget:
+                clock: Callable[[], float] = time.monotonic, **options: Any) -> CallBudget:
     """The call budget of one key as ``settings`` configure it.
 
     The rate is ``KIS_RATE_LIMIT`` (default by ``KIS_ENV``: real 18, paper 1); the state is in
@@ -186,7 +187,7 @@ def open_budget(settings: Settings, directory: Path, key_id: str, *,
         from common.store.redis_link import link
 
         backend = SharedBudget(RedisBudget(link(url), key_id), local)
-    return CallBudget(backend, pacing, key_id, **options)  # type: ignore[arg-type]
+    return CallBudget(backend, pacing, key_id, **options)
 
 
 __all__ = ["DEFAULT_TIMEOUT", "RATE_LIMIT_VAR", "BudgetSnapshot", "CallBudget", "open_budget"]

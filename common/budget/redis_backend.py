@@ -147,7 +147,8 @@ class RedisBudget:
         return Counts(int(calls), int(refusals), int(total), int(hosts))
 
     def _run(self, args: list[Any]) -> list[Any]:
-        return self.link.call(self._script, [self.name], args)  # type: ignore[no-any-return]
+        answer: list[Any] = self.link.call(self._script, [self.name], args)
+        return answer
 
 
 class SharedBudget:

@@ -63,9 +63,11 @@ def describe_error(exc: BaseException, manager: BaseTokenManager | None = None) 
 
 def _names_token_dir(exc: BaseException, manager: BaseTokenManager | None) -> bool:
     """True if ``exc`` is about a file in the token directory (not a metrics file, not the store)."""
+    if manager is None:
+        return False
     try:
-        directory = str(manager.settings.token_dir)  # type: ignore[union-attr]  # None: caught below
-    except Exception:
+        directory = str(manager.settings.token_dir)
+    except Exception:  # the directory is itself misconfigured
         return False
     return directory in str(exc)
 
@@ -105,8 +107,8 @@ def _credentials_hint(refusal: BaseException, manager: BaseTokenManager | None) 
     key_var = getattr(config, "APP_KEY_VAR", "the app key")
     secret_var = getattr(config, "APP_SECRET_VAR", "the app secret")
     try:
-        where = f" for {ENV_VAR}={manager.environment}"  # type: ignore[union-attr]  # None: caught below
-    except Exception:
+        where = "" if manager is None else f" for {ENV_VAR}={manager.environment}"
+    except Exception:  # KIS_ENV is itself misconfigured
         where = ""
     code = getattr(refusal, "code", "")
     if code in ("EGW00102", "EGW00103"):

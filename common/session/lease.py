@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from common.errors import StoreUnreachableError
 from common.session.file_lease import FileLease
@@ -230,7 +230,7 @@ class SessionLease:
 
 
 def open_session(settings: Settings, directory: Path, key_id: str, market: str, *,
-                 times: SessionTimes | None = None, **options: Callable[..., object]) -> SessionLease:
+                 times: SessionTimes | None = None, **options: Any) -> SessionLease:
     """A session lease of key ``key_id`` as ``settings`` configure it: the token directory's file,
     and the server's lease when ``KIS_TOKEN_STORE`` names one.
 
@@ -253,4 +253,4 @@ def open_session(settings: Settings, directory: Path, key_id: str, market: str, 
 
         shared = RedisLease(link(url), key_id)
     return SessionLease(FileLease(directory, key_id), shared, market, times=times or DEFAULT_TIMES,
-                        **options)  # type: ignore[arg-type]
+                        **options)

@@ -79,6 +79,8 @@ class RenewalState:
     alerts_sent: dict[str, float]
     legacy_closed: bool
     issuances: list[float]
+    removed_at: float | None
+    removed_by: str | None
     #: True for the stand-in the engine builds when the stored state could not be read (not stored).
     unreadable: bool = False
 
