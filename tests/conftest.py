@@ -190,7 +190,7 @@ def sandbox_process() -> Iterator[SandboxProcess]:
 #: What Windows lacks of the calls the token directory relies on (``os`` names; plus ``fcntl.flock``,
 #: ``pwd`` and ``grp``): tests marked ``windows_shaped`` run with them taken away.
 WINDOWS_MISSING_OS = ("geteuid", "getuid", "getegid", "getgid", "fchown", "fchmod", "chown", "mkfifo",
-                      "O_NOFOLLOW", "O_NONBLOCK", "O_DIRECTORY")
+                      "O_NOFOLLOW", "O_NONBLOCK", "O_DIRECTORY", "pread", "pwrite")
 
 
 class FakeMsvcrt:

@@ -41,7 +41,7 @@ def test_the_file_store_keeps_a_token_and_locks_through_msvcrt(us, clock, window
     assert us.mirror.record_path.exists() and us.mirror.mojito_path.exists()
     modes = [mode for mode, _ in windows_shaped.calls]
     assert windows_shaped.LK_NBLCK in modes and windows_shaped.LK_UNLCK in modes
-    assert all(position == 0 for _, position in windows_shaped.calls)  # the same byte locked and freed
+    assert all(position == fs.LOCK_BYTE for _, position in windows_shaped.calls)  # one byte, past the data
     removed = us.delete_token()
     assert str(us.store.record.path) in removed and not us.mirror.record_path.exists()
     assert us.load_token() is None
@@ -141,3 +141,37 @@ def test_threads_of_separate_managers_share_one_request(make_manager, clock):
         assert not errors
         assert results == [fake_token(3)] * len(managers)
         assert len(token_calls(mock)) == 1
+
+
+def test_the_call_budget_paces_and_counts_without_pread_or_flock(tmp_path):
+    from common.budget import open_budget
+    from common.settings import Settings
+
+    assert not hasattr(os, "pread") and not hasattr(os, "pwrite")
+    waits: list[float] = []
+    settings = Settings({"KIS_RATE_LIMIT": "2"}, dotenv_path=False)
+    budget = open_budget(settings, tmp_path, "real-0123456789abcdef", sleep=waits.append)
+    for _ in range(4):
+        budget.acquire()
+    snapshot = budget.snapshot()
+    assert snapshot.calls_last_minute == 4 and snapshot.rate == 2
+    assert len([wait for wait in waits if wait > 0]) >= 2  # 4 calls at 2 a second: the later ones waited
+
+
+def test_the_session_lease_names_its_holder_without_pread_or_flock(tmp_path):
+    from common.errors import SessionHeldError
+    from common.session import open_session
+    from common.settings import Settings
+
+    settings = Settings({}, dotenv_path=False)
+    first = open_session(settings, tmp_path, "real-0123456789abcdef", "us")
+    with first.hold(0.0, lambda: "approval-key") as key:
+        assert key == "approval-key"
+        second = open_session(settings, tmp_path, "real-0123456789abcdef", "kr")
+        with pytest.raises(SessionHeldError, match=f"pid {os.getpid()}"), second.hold(0.0, lambda: "x"):
+            pass
+    paced: list[float] = []  # the next start waits out the 5 s pacing (recorded, not slept)
+    third = open_session(settings, tmp_path, "real-0123456789abcdef", "kr", sleep=paced.append)
+    with third.hold(0.0, lambda: "y") as again:
+        assert again == "y"
+    assert paced and 0 < sum(paced) <= 5

@@ -157,7 +157,7 @@ class FileBudget:
             return Counts()
         try:
             for _ in range(3):
-                state = BudgetState.decode(os.pread(fd, SIZE + 1, 0))
+                state = BudgetState.decode(fs.pread(fd, SIZE + 1, 0))
                 if state is not None:
                     return state.counts(self.clock())
         except OSError as exc:
@@ -179,14 +179,14 @@ class FileBudget:
             state.written_at = now
             result = change(state, now)
             try:
-                os.pwrite(fd, state.encode(), 0)
+                fs.pwrite(fd, state.encode(), 0)
             except OSError as exc:
                 raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}") from None
             return result
 
     def _read(self, fd: int) -> BudgetState:
         try:
-            data = os.pread(fd, SIZE + 1, 0)
+            data = fs.pread(fd, SIZE + 1, 0)
         except OSError as exc:
             raise StoreError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         if not data:

@@ -94,7 +94,7 @@ class FileLease:
             raise RuntimeError(f"{self.path} is not held by this lease")
         data = encode_record(holder, start).encode().ljust(RECORD_SIZE)
         try:
-            os.pwrite(self._fd, data[:RECORD_SIZE], 0)
+            fs.pwrite(self._fd, data[:RECORD_SIZE], 0)
         except OSError as exc:
             raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
@@ -106,7 +106,7 @@ class FileLease:
         try:
             if start is not None:
                 with contextlib.suppress(OSError):
-                    os.pwrite(fd, encode_record(None, start).encode().ljust(RECORD_SIZE), 0)
+                    fs.pwrite(fd, encode_record(None, start).encode().ljust(RECORD_SIZE), 0)
             with contextlib.suppress(OSError):
                 fs.unlock(fd)
         finally:
@@ -150,7 +150,7 @@ class FileLease:
         """The record (read up to three times: a read torn by the holder's write fails to parse)."""
         for _ in range(3):
             try:
-                data = os.pread(fd, RECORD_SIZE + 1, 0)
+                data = fs.pread(fd, RECORD_SIZE + 1, 0)
             except OSError:
                 return None
             try:

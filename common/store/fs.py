@@ -38,6 +38,8 @@ READ: int = os.O_RDONLY | NOFOLLOW | NONBLOCK | CLOEXEC | _BINARY
 #: Open (creating it if missing, never truncating) to lock.
 LOCK: int = os.O_RDWR | os.O_CREAT | NOFOLLOW | NONBLOCK | CLOEXEC | _BINARY
 
+#: Where the Windows lock sits (``msvcrt.locking`` locks from the file position): past any data.
+LOCK_BYTE = 1 << 30
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO"),
@@ -196,7 +198,9 @@ def try_lock(fd: int) -> bool:
 
     ``flock``: held by the open file description (so two descriptors of one process exclude each
     other, as two processes do), released by the kernel when the holder dies. Where there is no
-    ``fcntl`` (Windows), ``msvcrt.locking`` on the file's first byte.
+    ``fcntl`` (Windows), ``msvcrt.locking`` on the byte at :data:`LOCK_BYTE`, far past any data:
+    Windows enforces such a lock against reads and writes of the locked bytes, so locking the data
+    itself would keep a reader without the lock (``check``, who holds a session) out.
 
     Raises:
         OSError: the file cannot be locked at all (e.g. ``ENOLCK``).
@@ -212,7 +216,7 @@ def try_lock(fd: int) -> bool:
         return True
     import msvcrt  # type: ignore[import-not-found,unused-ignore]
 
-    os.lseek(fd, 0, os.SEEK_SET)  # msvcrt locks bytes from the file position: always the first
+    os.lseek(fd, LOCK_BYTE, os.SEEK_SET)  # msvcrt locks bytes from the file position
     try:
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined,unused-ignore]
     except OSError as exc:
@@ -230,8 +234,25 @@ def unlock(fd: int) -> None:
         return
     import msvcrt  # type: ignore[import-not-found,unused-ignore]
 
-    os.lseek(fd, 0, os.SEEK_SET)
+    os.lseek(fd, LOCK_BYTE, os.SEEK_SET)
     msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined,unused-ignore]
+
+
+def pread(fd: int, size: int, offset: int) -> bytes:
+    """Up to ``size`` bytes of ``fd`` from ``offset`` (``os.pread``; where it is missing, as on
+    Windows, a seek and a read: ``fd`` must then not be shared between threads)."""
+    if hasattr(os, "pread"):
+        return os.pread(fd, size, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, size)
+
+
+def pwrite(fd: int, data: bytes, offset: int) -> int:
+    """Write ``data`` to ``fd`` at ``offset`` (``os.pwrite``; elsewhere a seek and a write)."""
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, data)
 
 
 def _is_link(path: Path) -> bool:
