@@ -11,7 +11,8 @@ Performance section. Nothing here asserts on timings: a budget that is missed sh
 One module per section, in report order (each also runs alone: ``python bench/hot_path.py``; its
 docstring says what it measures): ``machine`` (0), ``hot_path`` (1), ``check_startup`` (2),
 ``single_flight`` (3), ``crash_safety`` (4), ``memory`` (5), ``trading_code`` (6), ``trading_week``
-(7), ``faults`` (8), ``budgets`` (9, the per-key call budget through ``KISAuth`` against the sandbox);
+(7), ``faults`` (8), ``budgets`` (9, the per-key call budget through ``KISAuth`` against the sandbox),
+``session_lease`` (10, the WebSocket session lease: hand-over after a SIGKILL, cost of a free lease);
 shared helpers are in ``_util``.
 
 ``--quick`` runs fewer repetitions (5 start-up rounds, N up to 16 with one key in both markets at 16
@@ -31,13 +32,14 @@ import faults
 import hot_path
 import machine
 import memory
+import session_lease
 import single_flight
 import trading_code
 import trading_week
 from _util import main
 
 SECTIONS = (machine.run, hot_path.run, check_startup.run, single_flight.run, crash_safety.run, memory.run,
-            trading_code.run, trading_week.run, faults.run, budgets.run)
+            trading_code.run, trading_week.run, faults.run, budgets.run, session_lease.run)
 
 if __name__ == "__main__":
     sys.exit(main(SECTIONS, description=__doc__.splitlines()[0]))
