@@ -1,0 +1,137 @@
+"""Resends after ``EGW00201`` (and a rejected token) where the first send is not simply repeatable:
+a request body that is a file or a stream (requests, httpx sync and async), a budget whose counter
+fails, a mojito resend whose slot is too far, and a store that comes back after an outage.
+
+The REST calls go to a small local server on 127.0.0.1 that records every body it read and answers
+``EGW00201`` to the first N requests; the token comes from the in-process sandbox."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from common.auth import KISAuth
+from common.sandbox import Sandbox
+from us.token_manager import USTokenManager
+
+BUSY = {"rt_cd": "1", "msg_cd": "EGW00201", "msg1": "초당 거래건수를 초과하였습니다."}
+OK = {"rt_cd": "0", "msg_cd": "MCA00000", "output": {}}
+PAYLOAD = b'{"CANO": "12345678", "ORD_QTY": "1"}'
+
+
+class Recorder(ThreadingHTTPServer):
+    """Answers ``EGW00201`` to the first :attr:`busy` POSTs, then OK; keeps the bodies it read."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.busy = 0
+        self.bodies: list[bytes] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/uapi/order"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        server: Recorder = self.server  # type: ignore[assignment]
+        server.bodies.append(self._body())
+        busy = len(server.bodies) <= server.busy
+        data = json.dumps(BUSY if busy else OK).encode()
+        self.send_response(500 if busy else 200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = b""
+            while (size := int(self.rfile.readline().split(b";")[0], 16)) > 0:
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+            return body
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+
+@pytest.fixture
+def recorder():
+    server = Recorder()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def sandbox(clock):
+    with Sandbox(clock=clock, rest_rate=0) as server:
+        yield server
+
+
+@pytest.fixture
+def manager(make_manager, env, sandbox):
+    us = make_manager(USTokenManager, {**env, "KIS_BASE_URL": sandbox.base_url, "KIS_RATE_LIMIT": "1000"})
+    us.get_valid_token()
+    return us
+
+
+def post_requests(manager, url, body):
+    session = requests.Session()
+    session.auth, session.trust_env = KISAuth(manager), False
+    headers = {"Content-Type": "application/json"}
+    answer = session.post(url, data=body, headers=headers, timeout=5)
+    return answer.json()
+
+
+def generator():
+    yield PAYLOAD[:10]
+    yield PAYLOAD[10:]
+
+
+# -- 1. requests: a file body is rewound for the resend; a stream is not resent --------------------
+
+
+def test_requests_resends_a_file_body_rewound(manager, recorder):
+    recorder.busy = 2
+    assert post_requests(manager, recorder.url, io.BytesIO(PAYLOAD)) == OK
+    assert recorder.bodies == [PAYLOAD] * 3
+    assert manager.call_budget().snapshot().egw00201_total == 2
+
+
+def test_requests_resends_a_file_body_from_where_it_started(manager, recorder):
+    recorder.busy = 1
+    body = io.BytesIO(b"skipped" + PAYLOAD)
+    body.seek(7)
+    assert post_requests(manager, recorder.url, body) == OK
+    assert recorder.bodies == [PAYLOAD] * 2
+
+
+def test_requests_returns_the_answer_to_a_generator_body_unsent_again(manager, recorder, caplog):
+    recorder.busy = 1
+    with caplog.at_level(logging.DEBUG, "common.auth.requests_auth"):
+        assert post_requests(manager, recorder.url, generator()) == BUSY
+    assert recorder.bodies == [PAYLOAD]  # no empty resend
+    assert "not resent" in caplog.text
+
+
+def test_requests_still_resends_bytes_and_text_bodies(manager, recorder):
+    recorder.busy = 2
+    assert post_requests(manager, recorder.url, PAYLOAD) == OK
+    assert post_requests(manager, recorder.url, PAYLOAD.decode()) == OK
+    assert recorder.bodies == [PAYLOAD] * 4
