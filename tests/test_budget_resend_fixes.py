@@ -7,16 +7,18 @@ The REST calls go to a small local server on 127.0.0.1 that records every body i
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 import requests
 
-from common.auth import KISAuth
+from common.auth import KISAuth, KISHttpxAuth
 from common.sandbox import Sandbox
 from us.token_manager import USTokenManager
 
@@ -135,3 +137,29 @@ def test_requests_still_resends_bytes_and_text_bodies(manager, recorder):
     assert post_requests(manager, recorder.url, PAYLOAD) == OK
     assert post_requests(manager, recorder.url, PAYLOAD.decode()) == OK
     assert recorder.bodies == [PAYLOAD] * 4
+
+
+# -- 2. httpx: a streamed body is read before the flow, so a resend sends it whole -----------------
+
+
+def test_httpx_resends_a_generator_body_whole(manager, recorder):
+    recorder.busy = 2
+    with httpx.Client(auth=KISHttpxAuth(manager), trust_env=False, timeout=5) as client:
+        answer = client.post(recorder.url, content=generator())
+    assert answer.json() == OK
+    assert recorder.bodies == [PAYLOAD] * 3
+
+
+def test_httpx_async_resends_an_async_generator_body_whole(manager, recorder):
+    recorder.busy = 2
+
+    async def chunks():
+        for chunk in generator():
+            yield chunk
+
+    async def call():
+        async with httpx.AsyncClient(auth=KISHttpxAuth(manager), trust_env=False, timeout=5) as client:
+            return await client.post(recorder.url, content=chunks())
+
+    assert asyncio.run(call()).json() == OK
+    assert recorder.bodies == [PAYLOAD] * 3
