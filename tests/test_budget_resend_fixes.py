@@ -19,6 +19,8 @@ import pytest
 import requests
 
 from common.auth import KISAuth, KISHttpxAuth
+from common.budget.resend import MAX_RESENDS
+from common.errors import BudgetTimeoutError, StoreError
 from common.sandbox import Sandbox
 from us.token_manager import USTokenManager
 
@@ -163,3 +165,23 @@ def test_httpx_async_resends_an_async_generator_body_whole(manager, recorder):
 
     assert asyncio.run(call()).json() == OK
     assert recorder.bodies == [PAYLOAD] * 3
+
+
+# -- 3. a counter that fails costs the count, not the broker's answer ------------------------------
+
+
+@pytest.mark.parametrize("error", [StoreError("cannot write the budget file"),
+                                   BudgetTimeoutError("the budget file stayed locked")])
+def test_a_failing_refusal_counter_does_not_escape_the_resend(manager, recorder, monkeypatch, caplog, error):
+    def fail() -> None:
+        raise error
+
+    monkeypatch.setattr(manager.call_budget(), "note_refusal", fail)
+    recorder.busy = 1
+    with caplog.at_level(logging.DEBUG, "common.budget.resend"):
+        assert post_requests(manager, recorder.url, PAYLOAD) == OK
+    assert recorder.bodies == [PAYLOAD] * 2
+    assert "not counted" in caplog.text
+    recorder.busy = 2 + MAX_RESENDS  # bounded all the same: the last answer, no exception
+    assert post_requests(manager, recorder.url, PAYLOAD) == BUSY
+    assert len(recorder.bodies) == 2 + 1 + MAX_RESENDS
