@@ -17,15 +17,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 import requests
+import responses
 
 from common.auth import KISAuth, KISHttpxAuth
-from common.budget.resend import MAX_RESENDS
+from common.budget.resend import MAX_RESENDS, RESEND_WITHIN
 from common.errors import BudgetTimeoutError, StoreError
 from common.sandbox import Sandbox
+from tests.conftest import DAY, REAL_HOST, fake_token, token_answer
 from us.token_manager import USTokenManager
 
 BUSY = {"rt_cd": "1", "msg_cd": "EGW00201", "msg1": "초당 거래건수를 초과하였습니다."}
 OK = {"rt_cd": "0", "msg_cd": "MCA00000", "output": {}}
+QUOTE = "/uapi/overseas-price/v1/quotations/price"
 PAYLOAD = b'{"CANO": "12345678", "ORD_QTY": "1"}'
 
 
@@ -186,3 +189,51 @@ def test_a_failing_refusal_counter_does_not_escape_the_resend(manager, recorder,
     last = post_requests(manager, recorder.url, PAYLOAD)
     assert len(recorder.bodies) == 2 + 1 + MAX_RESENDS
     assert last == BUSY
+
+
+# -- 4. mojito: each resend's slot must come within the 5 s of the first refusal --------------------
+
+
+@pytest.fixture
+def broker_on(make_manager, env, clock, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    us = make_manager(USTokenManager, {**env, "KIS_US_ACCOUNT": "12345678-01", "KIS_RATE_LIMIT": "1000"})
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as http:
+        http.post(REAL_HOST + "/oauth2/tokenP", json=token_answer(fake_token(1), clock() + DAY))
+        yield us, http, us.create_broker()
+
+
+def watch_acquire(budget, monkeypatch, *, refuse_bounded: bool):
+    """Record each acquire's timeout; with ``refuse_bounded`` a bounded one finds no slot in time."""
+    timeouts: list[float | None] = []
+    real = budget.acquire
+
+    def acquire(timeout=None):
+        timeouts.append(timeout)
+        if refuse_bounded and timeout is not None:
+            raise BudgetTimeoutError("no slot in time", retry_in=10.0)
+        return real(timeout)
+
+    monkeypatch.setattr(budget, "acquire", acquire)
+    return timeouts
+
+
+def test_mojito_resends_wait_for_their_slot_within_the_five_seconds(broker_on, monkeypatch):
+    us, http, broker = broker_on
+    http.get(REAL_HOST + QUOTE, json=BUSY, status=500)
+    http.get(REAL_HOST + QUOTE, json=BUSY, status=500)
+    http.get(REAL_HOST + QUOTE, json=OK)
+    timeouts = watch_acquire(us.call_budget(), monkeypatch, refuse_bounded=False)
+    assert broker.fetch_price("AAPL") == OK
+    assert timeouts[0] is None  # the first send: the budget's own timeout
+    assert len(timeouts) == 3 and all(t is not None and 0 < t <= RESEND_WITHIN for t in timeouts[1:])
+
+
+def test_mojito_returns_the_last_answer_when_no_slot_comes_in_time(broker_on, monkeypatch):
+    us, http, broker = broker_on
+    http.get(REAL_HOST + QUOTE, json=BUSY, status=500)
+    http.get(REAL_HOST + QUOTE, json=OK)
+    timeouts = watch_acquire(us.call_budget(), monkeypatch, refuse_bounded=True)
+    assert broker.fetch_price("AAPL") == BUSY  # fetch_price -> fetch_oversea_price: no exception
+    assert len([call for call in http.calls if QUOTE in call.request.url]) == 1
+    assert timeouts[0] is None and timeouts[1] is not None

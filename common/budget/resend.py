@@ -62,10 +62,12 @@ class Resends:
         self.sent += 1
         return self.deadline - now
 
-    def allowed(self) -> bool:
-        """After an ``EGW00201`` answer: count it; whether one more send is allowed (the caller's
-        own next send waits for its slot, as a mojito broker's does in ``access_token``)."""
-        return self._timeout() is not None
+    def allowed(self) -> float | None:
+        """After an ``EGW00201`` answer: count it; the seconds within which the next send's slot must
+        come if one more send is allowed, else None. The caller's own next send waits for its slot
+        with that timeout, as a mojito broker's does in ``access_token`` (no slot in time: the
+        caller returns the last answer)."""
+        return self._timeout()
 
     def again(self) -> bool:
         """After an ``EGW00201`` answer: count it, and wait for the key's next slot if one more send
