@@ -20,15 +20,22 @@ import requests
 import responses
 
 from common.auth import KISAuth, KISHttpxAuth
+from common.budget.file_backend import FileBudget
+from common.budget.limiter import CallBudget
+from common.budget.pacing import Pacing
+from common.budget.redis_backend import RedisBudget, SharedBudget
 from common.budget.resend import MAX_RESENDS, RESEND_WITHIN
 from common.errors import BudgetTimeoutError, StoreError
 from common.sandbox import Sandbox
-from tests.conftest import DAY, REAL_HOST, fake_token, token_answer
+from common.sandbox.redis_server import RedisServer
+from common.store.redis_link import StoreLink
+from tests.conftest import DAY, REAL_HOST, FakeClock, SleepRecorder, fake_token, token_answer
 from us.token_manager import USTokenManager
 
 BUSY = {"rt_cd": "1", "msg_cd": "EGW00201", "msg1": "초당 거래건수를 초과하였습니다."}
 OK = {"rt_cd": "0", "msg_cd": "MCA00000", "output": {}}
 QUOTE = "/uapi/overseas-price/v1/quotations/price"
+KEY_ID = "real-0123456789abcdef"
 PAYLOAD = b'{"CANO": "12345678", "ORD_QTY": "1"}'
 
 
@@ -237,3 +244,32 @@ def test_mojito_returns_the_last_answer_when_no_slot_comes_in_time(broker_on, mo
     assert broker.fetch_price("AAPL") == BUSY  # fetch_price -> fetch_oversea_price: no exception
     assert len([call for call in http.calls if QUOTE in call.request.url]) == 1
     assert timeouts[0] is None and timeouts[1] is not None
+
+
+# -- 5. a store that comes back: its first slot is not before the slots the file granted meanwhile --
+
+
+@pytest.fixture
+def valkey(tmp_path):
+    started = RedisServer(tmp_path / "redis").start()
+    yield started
+    started.stop()
+
+
+def test_the_store_that_comes_back_gives_no_slot_before_the_files_last(valkey, tmp_path):
+    clock = FakeClock(10_000.0)  # the host's clock stands still: the waits are on one timeline
+    server_link = StoreLink(valkey.url, retry_interval=0.0)
+    backend = SharedBudget(RedisBudget(server_link, KEY_ID), FileBudget(tmp_path / "a", KEY_ID, clock))
+    budget = CallBudget(backend, Pacing(10.0), KEY_ID, sleep=SleepRecorder())
+    try:
+        budget.acquire()
+        valkey.stop()
+        on_file = [budget.reserve() for _ in range(5)]  # granted by the file, up to ~1.5 s ahead
+        assert backend.falling_back
+        valkey.start()  # a fresh server: its schedule knows nothing of those slots
+        back = budget.reserve()
+        snap = budget.snapshot()
+    finally:
+        server_link.client.close()
+    assert (snap.backend, snap.calls_last_minute) == ("redis", 1)  # the fresh server's first slot
+    assert back > on_file[-1]  # after the file's slots, not a burst on top of them
