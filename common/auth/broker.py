@@ -41,7 +41,7 @@ from typing import Any
 from common.auth.requests_auth import answer_code
 from common.auth.source import TokenSource
 from common.budget.resend import RATE_EXCEEDED_CODE, Resends
-from common.errors import ConfigError
+from common.errors import BudgetTimeoutError, ConfigError
 
 #: mojito methods that send a request to the broker without reading ``access_token``: each takes a
 #: slot of the key's budget before it runs.
@@ -111,12 +111,14 @@ def broker_class() -> type:
 
 class _CallState(threading.local):
     """Per thread: the token the current broker call sends, whether it was retried, and its
-    ``EGW00201`` resends."""
+    ``EGW00201`` resends, with the seconds the next resend's slot must come within (None: the
+    budget's own timeout)."""
 
     depth = 0
     token: str | None = None
     retried = False
     resends: Resends | None = None
+    slot_within: float | None = None
 
 
 class _ManagedToken:
@@ -140,7 +142,8 @@ class _ManagedToken:
         token = calls.token or self._manager.get_valid_token()
         if calls.depth:  # mojito is building a request's headers: it sends right after
             calls.token = token
-            self._manager.call_budget().acquire()
+            within, calls.slot_within = calls.slot_within, None
+            self._manager.call_budget().acquire(within)
         return "Bearer " + token
 
     @access_token.setter
@@ -171,7 +174,8 @@ def _retry_once_on_rejection(method: Callable[..., Any]) -> Callable[..., Any]:
     mojito's methods return the broker's JSON answer, and some call others (``fetch_price`` calls
     ``fetch_domestic_price``). One outermost call sends one token (the first it reads) and has one
     retry, spent by the innermost call that sees the rejection; its ``EGW00201`` resends are
-    counted together too.
+    counted together too, and each one's slot must come within the 5 s of the first refusal: when
+    it does not, the call returns the broker's last answer (as ``KISAuth`` does).
     """
     untokened = method.__name__ in UNTOKENED_CALLS
 
@@ -180,17 +184,29 @@ def _retry_once_on_rejection(method: Callable[..., Any]) -> Callable[..., Any]:
         calls: _CallState = self._calls
         outermost = calls.depth == 0
         if outermost:
-            calls.token, calls.retried, calls.resends = None, False, None
+            calls.token, calls.retried, calls.resends, calls.slot_within = None, False, None, None
         calls.depth += 1
+        refused: Any = None  # the last EGW00201 answer, while it is being resent
         try:
             while True:
-                if untokened:
-                    self._manager.call_budget().acquire()
-                answer = method(self, *args, **kwargs)
+                try:
+                    if untokened:
+                        within, calls.slot_within = calls.slot_within, None
+                        self._manager.call_budget().acquire(within)
+                    answer = method(self, *args, **kwargs)
+                except BudgetTimeoutError:
+                    if refused is None:
+                        raise
+                    return refused  # no slot for the resend in time: the broker's last answer
+                finally:
+                    calls.slot_within = None
                 code = answer_code(answer)
+                refused = None
                 if code == RATE_EXCEEDED_CODE:
                     calls.resends = calls.resends or Resends(self._manager.call_budget())
-                    if calls.resends.allowed():  # the next send's slot: in access_token
+                    within = calls.resends.allowed()
+                    if within is not None:  # the next send's slot: in access_token, within that
+                        calls.slot_within, refused = within, answer
                         continue
                 elif code is not None and calls.token is not None and not calls.retried:
                     calls.retried = True

@@ -47,15 +47,23 @@ class KISHttpxAuth(httpx.Auth):
     replaces the token, and uses the budget's file or server, off the event loop
     (:meth:`~common.base_token_manager.BaseTokenManager.get_valid_token_async`), and awaits the waits.
 
+    A request's body is read before the flow starts (:attr:`requires_request_body`), so a body
+    given as a stream (a generator, an async iterator) is sent again whole, never found consumed.
+
     Args:
         manager: a ``USTokenManager`` or ``KRTokenManager``.
     """
+
+    #: The body is read into the request before the first send, so a resend has all of it (httpx
+    #: honours this in ``httpx.Auth``'s own flows; the flows below, which replace them, read it).
+    requires_request_body = True
 
     def __init__(self, manager: TokenSource) -> None:
         self.manager = manager
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         """Send with the token after the key's next slot; resend as the answer asks (see the class)."""
+        request.read()
         guard = guard_redirects(request, SyncOriginGuard)
         budget = self.manager.call_budget()
         token = self.manager.get_valid_token()
@@ -77,6 +85,7 @@ class KISHttpxAuth(httpx.Auth):
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         """The same, with the token and the budget used in worker threads and the waits awaited."""
+        await request.aread()
         guard = guard_redirects(request, AsyncOriginGuard)
         budget = self.manager.call_budget()
         token = await self.manager.get_valid_token_async()

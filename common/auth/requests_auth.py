@@ -26,7 +26,8 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
-from requests.utils import requote_uri
+from requests.exceptions import UnrewindableBodyError
+from requests.utils import requote_uri, rewind_body
 
 from common.auth.source import TokenSource
 from common.budget.resend import RATE_EXCEEDED_CODE, Resends
@@ -206,6 +207,8 @@ class KISAuth(requests.auth.AuthBase):
         renewed = getattr(response.request, "_kis_resent", False)
         while (code := answer_code(response.content)) is not None:
             request = response.request
+            if not can_resend(request, code):
+                return response
             again = request.copy()
             if code == RATE_EXCEEDED_CODE:
                 resends = resends or Resends(self.manager.call_budget())
@@ -228,6 +231,23 @@ class KISAuth(requests.auth.AuthBase):
             answer.request = again
             response = answer
         return response
+
+
+def can_resend(request: requests.PreparedRequest, code: str) -> bool:
+    """Whether ``request`` can be sent once more as it was: a body of bytes or text (or none), or a
+    file-like body rewound to where the first send read it from. A stream that cannot be rewound
+    (a generator, a pipe) was spent by the first send: the answer is returned as it is."""
+    if request.body is None or isinstance(request.body, bytes | bytearray | str):
+        return True
+    if getattr(request, "_body_position", None) is not None:
+        try:
+            rewind_body(request)
+        except UnrewindableBodyError as exc:
+            _log.debug("answer %s not resent: the request's body cannot be rewound (%s)", code, exc)
+            return False
+        return True
+    _log.debug("answer %s not resent: the request's body is a stream that was read", code)
+    return False
 
 
 def drop_kis_headers_before_foreign_redirect(response: requests.Response) -> None:

@@ -166,6 +166,28 @@ class FileBudget:
             os.close(fd)
         return Counts()
 
+    def schedule_end(self, pacing: Pacing) -> float:
+        """The file's next free slot (its ``tat``, on :attr:`clock`): every slot the file granted
+        is before it; ``-inf`` when there is no file or it cannot be decoded. Read without the lock.
+
+        Raises:
+            StoreError: the file is not a regular file, or cannot be read.
+        """
+        fd = files.open_to_read(self.path, "call budget file")
+        if fd is None:
+            return -math.inf
+        try:
+            for _ in range(3):
+                state = BudgetState.decode(os.pread(fd, SIZE + 1, 0))
+                if state is not None:
+                    now = self.clock()
+                    return sane_tat(state.tat, state.written_at, now, pacing)
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+        return -math.inf
+
     # -- the file -----------------------------------------------------------------------------
 
     def _update(self, change: Callable[[BudgetState, float], T], lock_wait: float) -> T:

@@ -34,7 +34,8 @@ from common.errors import StoreUnreachableError
 from common.store.redis_link import PREFIX, StoreLink
 
 #: ``EVALSHA`` of this with KEYS = [the key's hash] and ARGV = [op, ...]:
-#: ``reserve interval_us tolerance_us max_wait_us max_ahead_us window_us host`` -> {granted 0|1, wait_us}
+#: ``reserve interval_us tolerance_us max_wait_us max_ahead_us window_us host not_before_us``
+#:   -> {granted 0|1, wait_us}  (no slot sooner than ``not_before_us`` from now)
 #: ``refuse`` -> {0, 0};  ``count`` -> {calls, refusals, refusals_total, hosts}
 SCRIPT = """
 if redis.replicate_commands then pcall(redis.replicate_commands) end
@@ -72,7 +73,7 @@ if op == 'reserve' then
   local max_wait, max_ahead, window = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
   if tat == nil then tat = now
   elseif tat - now > max_ahead then tat = now + window end
-  local slot = math.max(now, tat - tolerance)
+  local slot = math.max(now + (tonumber(ARGV[8]) or 0), tat - tolerance)
   if slot - now > max_wait then return {0, slot - now} end
   tat = math.max(tat, slot) + interval
   redis.call('HSET', key, 'tat', string.format('%.0f', tat), 'h:' .. ARGV[7], second)
@@ -115,15 +116,15 @@ class RedisBudget:
         self.location = f"{link.url} {self.name}"
         self._script = link.client.register_script(SCRIPT)
 
-    def reserve(self, pacing: Pacing, max_wait: float, host: str = "") -> float:
+    def reserve(self, pacing: Pacing, max_wait: float, host: str = "", not_before: float = 0.0) -> float:
         """See :meth:`BudgetBackend.reserve`; ``host`` is noted as one that uses the key (see
-        :attr:`Counts.hosts`).
+        :attr:`Counts.hosts`); no slot comes sooner than ``not_before`` seconds from now.
 
         Raises:
             StoreUnreachableError: the server did not answer (nothing reserved as far as this host knows).
         """
         args = ["reserve", _micro(pacing.interval), _micro(pacing.tolerance), _micro(min(max_wait, MAX_WAIT)),
-                _micro(pacing.max_ahead), _micro(WINDOW + pacing.slack), host]
+                _micro(pacing.max_ahead), _micro(WINDOW + pacing.slack), host, _micro(max(0.0, not_before))]
         granted, wait_us = self._run(args)
         if not granted:
             raise NoSlotWithin(int(wait_us) / _US)
@@ -159,7 +160,10 @@ class SharedBudget:
     seconds before): so the key stays within its rate as long as no host joins during the outage,
     and never sees an unpaced call. After the switch a process's first call on the file waits a
     whole window after the last slot the server gave it (slots already granted by the server are
-    still being spent). One warning when the fallback starts, one when the server answers again.
+    still being spent); and the other way, the first slot the server gives after the outage comes
+    no sooner than the file's next free slot (the slots the file granted meanwhile, up to
+    ``MAX_WAIT`` ahead, are unknown to the server). One warning when the fallback starts, one when
+    the server answers again.
 
     Args:
         shared: the key's budget on the server.
@@ -191,7 +195,7 @@ class SharedBudget:
             if now - self._hosts_asked_at >= HOSTS_EVERY:
                 self._hosts_asked_at = now
                 self.hosts = max(1, self.shared.counts().hosts)
-            wait = self.shared.reserve(pacing, max_wait, self.host)
+            wait = self.shared.reserve(pacing, max_wait, self.host, self._comeback_delay(pacing, now))
         except StoreUnreachableError as exc:
             self._fell_back(exc)
             share = Pacing(pacing.rate / self.hosts, pacing.slack)
@@ -199,6 +203,13 @@ class SharedBudget:
         self._last_slot = now + wait
         self._answered()
         return wait
+
+    def _comeback_delay(self, pacing: Pacing, now: float) -> float:
+        """While falling back: the seconds until the file's next free slot (the server's first slot
+        must not come sooner); else 0. The file's state is read only while falling back."""
+        if not self.falling_back:
+            return 0.0
+        return max(0.0, self.local.schedule_end(pacing) - now)
 
     def note_refusal(self) -> None:
         """Count one ``EGW00201`` answer (on the server, else in this host's file)."""

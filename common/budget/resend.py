@@ -11,11 +11,12 @@ one request.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 from common.budget.limiter import CallBudget
-from common.errors import BudgetTimeoutError
+from common.errors import BudgetTimeoutError, StoreError
 
 #: The broker's code for a call beyond the key's rate (``msg_cd``, with HTTP 500 as a rule).
 RATE_EXCEEDED_CODE = "EGW00201"
@@ -23,6 +24,8 @@ RATE_EXCEEDED_CODE = "EGW00201"
 MAX_RESENDS = 3
 #: Seconds after the first refusal within which a resend's slot must fall.
 RESEND_WITHIN = 5.0
+
+_log = logging.getLogger(__name__)
 
 
 class Resends:
@@ -42,8 +45,15 @@ class Resends:
         self.deadline: float | None = None
 
     def _timeout(self) -> float | None:
-        """Note the refusal; the seconds left for the next slot, or None if no resend is allowed."""
-        self.budget.note_refusal()
+        """Note the refusal; the seconds left for the next slot, or None if no resend is allowed.
+
+        A counter that cannot be used (its file locked too long, not writable) costs the count, not
+        the answer: the resend goes on as if it had been counted.
+        """
+        try:
+            self.budget.note_refusal()
+        except (BudgetTimeoutError, StoreError) as exc:
+            _log.debug("an EGW00201 answer of %s was not counted: %s", self.budget.key_id, exc)
         now = self.clock()
         if self.deadline is None:
             self.deadline = now + RESEND_WITHIN
@@ -52,10 +62,12 @@ class Resends:
         self.sent += 1
         return self.deadline - now
 
-    def allowed(self) -> bool:
-        """After an ``EGW00201`` answer: count it; whether one more send is allowed (the caller's
-        own next send waits for its slot, as a mojito broker's does in ``access_token``)."""
-        return self._timeout() is not None
+    def allowed(self) -> float | None:
+        """After an ``EGW00201`` answer: count it; the seconds within which the next send's slot must
+        come if one more send is allowed, else None. The caller's own next send waits for its slot
+        with that timeout, as a mojito broker's does in ``access_token`` (no slot in time: the
+        caller returns the last answer)."""
+        return self._timeout()
 
     def again(self) -> bool:
         """After an ``EGW00201`` answer: count it, and wait for the key's next slot if one more send
