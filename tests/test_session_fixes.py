@@ -1,0 +1,146 @@
+"""Regressions of the WebSocket session lease (``common.session``) found in review: a lease left held
+by a ``KeyboardInterrupt`` or a cancelled async waiter, a fork's child that frees or keeps its
+parent's lease, a heartbeat the store's rest period could skip until the lease lapsed, and a wait
+that logged once per poll. Clocks and sleeps are injected; real waits are short and bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from common.errors import SessionHeldError
+from common.sandbox.redis_server import free_port
+from common.session import SessionLease, SessionTimes, open_session
+from common.session.file_lease import FileLease
+from common.session.lease import WaitCancelled
+from common.session.redis_lease import RedisLease
+from common.settings import Settings
+from common.store.redis_link import StoreLink
+from tests.conftest import FakeClock, SleepRecorder
+
+KEY_ID = "real-0123456789abcdef"
+TIMES = SessionTimes(ttl=15.0, heartbeat=3.75, pace=5.0, poll=0.1)
+
+
+def lease(directory: Path, clock: FakeClock, shared: RedisLease | None = None) -> SessionLease:
+    return SessionLease(FileLease(directory, KEY_ID), shared, "us", times=TIMES, clock=clock,
+                        sleep=SleepRecorder(clock), monotonic=clock)
+
+
+def interrupted(clock: FakeClock):
+    """A sleep that is a Ctrl-C."""
+    def sleep(seconds: float) -> None:
+        clock.advance(seconds)
+        raise KeyboardInterrupt
+
+    return sleep
+
+
+# -- 1: Ctrl-C while the lease is held but the block not yet entered --------------------------------
+
+
+def test_a_ctrl_c_in_the_pacing_wait_gives_the_lease_back(tmp_path, clock):
+    first = lease(tmp_path, clock)
+    first.acquire()
+    first.release()  # the next lease is paced: its acquire sleeps while holding the file
+    paced = lease(tmp_path, clock)
+    paced.sleep = interrupted(clock)
+    with pytest.raises(KeyboardInterrupt):
+        paced.acquire()
+    assert paced.holding is None and not paced.local.held
+    assert lease(tmp_path, clock).holder() is None
+    clock.advance(10)
+    lease(tmp_path, clock).acquire()  # the file is free
+
+
+def test_a_ctrl_c_in_hold_gives_the_lease_back(tmp_path, clock):
+    first = lease(tmp_path, clock)
+    first.acquire()
+    first.release()
+    paced = lease(tmp_path, clock)
+    paced.sleep = interrupted(clock)
+    with pytest.raises(KeyboardInterrupt), paced.hold(0, lambda: "APPROVAL"):
+        pytest.fail("the block is never entered")
+    assert paced.holding is None and not paced.local.held
+    # A lease held already is not taken (nor given back) by a second hold().
+    clock.advance(10)
+    held = lease(tmp_path, clock)
+    held.acquire()
+    with pytest.raises(RuntimeError), held.hold(0, lambda: "APPROVAL"):
+        pytest.fail("the block is never entered")
+    assert held.holding is not None and held.local.held
+    held.release()
+
+
+# -- 2: an async waiter cancelled, or a loop that ends, while another holds the lease ---------------
+
+
+@pytest.mark.parametrize("how", ["cancelled", "loop ends"])
+def test_an_async_waiter_that_goes_away_never_takes_the_lease_later(tmp_path, how):
+    times = SessionTimes(pace=0.0, poll=0.01)
+    settings = Settings({}, dotenv_path=False)
+    first = open_session(settings, tmp_path, KEY_ID, "us", times=times)
+    first.acquire()
+    waiting = open_session(settings, tmp_path, KEY_ID, "kr", times=times)
+
+    async def approval() -> str:
+        return "APPROVAL"
+
+    async def hold() -> None:
+        async with waiting.hold_async(5, approval):
+            await asyncio.sleep(3600)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(hold())
+        await asyncio.sleep(0.05)
+        if how == "cancelled":
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        # "loop ends": asyncio.run cancels the task (and the worker's future) on its way out
+
+    freed = threading.Timer(0.2, first.release)  # the holder lets go once the waiter has gone
+    freed.start()
+    asyncio.run(scenario())
+    freed.join()
+    time.sleep(0.1)  # a worker thread still polling would take the lease now
+    assert waiting.holding is None and not waiting.local.held
+    assert first.holder() is None
+
+
+def test_a_lease_taken_as_the_waiter_is_cancelled_is_given_back(tmp_path, clock):
+    taken = lease(tmp_path, clock)
+    cancel = threading.Event()
+
+    def sleep(seconds: float) -> None:  # cancelled during the pacing wait
+        clock.advance(seconds)
+        cancel.set()
+
+    first = lease(tmp_path, clock)
+    first.acquire()
+    first.release()
+    taken.sleep = sleep
+    with pytest.raises(WaitCancelled):
+        taken.acquire(0, cancel)
+    assert taken.holding is None and lease(tmp_path, clock).holder() is None
+
+
+# -- 5: a store that does not answer is one warning per wait, and the wait ends by its deadline ------
+
+
+def test_a_wait_with_the_store_down_warns_once_and_ends_by_its_deadline(tmp_path, clock, caplog):
+    down = RedisLease(StoreLink(f"redis://127.0.0.1:{free_port()}/0", retry_interval=3600.0), KEY_ID)
+    holder = lease(tmp_path, clock)
+    holder.acquire()
+    waiting = lease(tmp_path, clock, shared=down)
+    with caplog.at_level(logging.WARNING, logger="common.session.lease"), pytest.raises(SessionHeldError):
+        waiting.acquire(wait=1.0)
+    warnings = [r for r in caplog.records if "does not answer" in r.getMessage()]
+    assert len(warnings) == 1
+    assert sum(waiting.sleep.calls) == pytest.approx(1.0)  # type: ignore[attr-defined]
+    holder.release()
