@@ -7,21 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from common.errors import SessionHeldError
-from common.sandbox.redis_server import free_port
+from common.sandbox.redis_server import RedisServer, free_port
 from common.session import SessionLease, SessionTimes, open_session
 from common.session.file_lease import FileLease
 from common.session.lease import WaitCancelled
-from common.session.redis_lease import RedisLease
+from common.session.redis_lease import RedisLease, lease_key
 from common.settings import Settings
 from common.store.redis_link import StoreLink
-from tests.conftest import FakeClock, SleepRecorder
+from tests.conftest import REPO, FakeClock, SleepRecorder
 
 KEY_ID = "real-0123456789abcdef"
 TIMES = SessionTimes(ttl=15.0, heartbeat=3.75, pace=5.0, poll=0.1)
@@ -144,3 +149,97 @@ def test_a_wait_with_the_store_down_warns_once_and_ends_by_its_deadline(tmp_path
     assert len(warnings) == 1
     assert sum(waiting.sleep.calls) == pytest.approx(1.0)  # type: ignore[attr-defined]
     holder.release()
+
+
+# -- 3: a fork's child neither frees its parent's lease nor keeps it -------------------------------
+
+posix_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+
+#: Another process tries the lease file: prints "held" or "taken".
+TRY_TAKE = """
+import sys
+from common.session.file_lease import FileLease
+from common.session.holder import LeaseHeld
+try:
+    FileLease(sys.argv[1], sys.argv[2]).take()
+    print("taken")
+except LeaseHeld:
+    print("held")
+"""
+
+#: Takes the lease, forks a child that lives on, prints the child's pid, and waits to be killed.
+FORK_AND_WAIT = """
+import os, sys, time
+from common.session.file_lease import FileLease
+lease = FileLease(sys.argv[1], sys.argv[2])
+lease.take()
+child = os.fork()
+if child == 0:
+    time.sleep(30)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(30)
+"""
+
+
+def another_process_tries(directory: Path) -> str:
+    done = subprocess.run([sys.executable, "-c", TRY_TAKE, str(directory), KEY_ID], cwd=REPO,
+                          capture_output=True, text=True, timeout=30, check=True)
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def valkey(tmp_path_factory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("valkey")) as server:
+        yield server
+
+
+@posix_only
+@pytest.mark.parametrize("with_server", [False, True])
+def test_a_forks_child_that_releases_leaves_its_parents_lease_held(tmp_path, clock, request, with_server):
+    shared = None
+    if with_server:
+        server = request.getfixturevalue("valkey")
+        server.client().flushall()
+        shared = RedisLease(StoreLink(server.url, retry_interval=0.0), KEY_ID)
+    taken = lease(tmp_path, clock, shared=shared)
+    taken.acquire()
+    child = os.fork()
+    if child == 0:  # the child leaves a `with` block it inherited, as a forked worker would
+        code = 3
+        try:
+            closed_at_fork = not taken.local.held
+            taken.release()
+            code = 0 if closed_at_fork else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # its inherited descriptor was closed at the fork
+    assert taken.holding is not None and taken.local.held
+    found = lease(tmp_path, clock).holder()
+    assert found is not None and found.pid == os.getpid()  # the record still names the parent
+    assert another_process_tries(tmp_path) == "held"
+    if with_server:
+        assert server.client().exists(lease_key(KEY_ID))  # the child deleted nothing there
+    taken.release()
+    assert another_process_tries(tmp_path) == "taken"
+
+
+@posix_only
+def test_a_killed_holders_lease_is_free_though_its_child_lives(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", FORK_AND_WAIT, str(tmp_path), KEY_ID], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert holder.stdout is not None
+        child = int(holder.stdout.readline())
+        assert another_process_tries(tmp_path) == "held"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        os.kill(child, 0)  # the child lives on
+        assert another_process_tries(tmp_path) == "taken"
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+        if child:
+            os.kill(child, signal.SIGKILL)

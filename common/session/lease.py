@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -179,7 +180,8 @@ class SessionLease:
         self.on_server = False
 
     def release(self) -> None:
-        """Give the lease back (the server's first, then the host's file); safe to call twice."""
+        """Give the lease back (the server's first, then the host's file); safe to call twice. In a
+        fork's child (another pid than the holder's) nothing is given back: its parent holds it."""
         with self._handover:
             holding, self.holding = self.holding, None
         if holding is None:
@@ -188,6 +190,10 @@ class SessionLease:
         if self._beat is not None:
             self._beat.join(timeout=5)
             self._beat = None
+        if holding.pid != os.getpid():  # a fork's child: the lease is its parent's, left as it is
+            self.on_server = False
+            self.local.release()
+            return
         try:
             if self.on_server and self.shared is not None:
                 try:
