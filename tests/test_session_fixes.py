@@ -243,3 +243,28 @@ def test_a_killed_holders_lease_is_free_though_its_child_lives(tmp_path):
         holder.wait(timeout=10)
         if child:
             os.kill(child, signal.SIGKILL)
+
+
+# -- 4: the heartbeat's margin -----------------------------------------------------------------------
+
+
+def test_the_heartbeat_beats_four_times_a_lease_and_the_links_rest_never_skips_it(valkey, tmp_path, clock):
+    from common.session import DEFAULT_TIMES
+    from common.store.redis_link import RETRY_INTERVAL
+
+    assert DEFAULT_TIMES.heartbeat <= DEFAULT_TIMES.ttl / 4
+    # Two beats skipped by the link's rest would leave less than the lease for a third:
+    assert DEFAULT_TIMES.heartbeat < RETRY_INTERVAL
+    valkey.client().flushall()
+    link = StoreLink(valkey.url)  # the real rest period
+    taken = lease(tmp_path, clock, shared=RedisLease(link, KEY_ID))
+    taken.acquire()
+    assert taken.on_server
+    taken._stop.set()  # the test beats by hand
+    link._retry_at, link.error = time.monotonic() + 3600, "a call of another key failed"
+    valkey.client().pexpire(lease_key(KEY_ID), 2000)
+    taken.beat()  # resting: an ordinary call would be skipped
+    assert valkey.client().pttl(lease_key(KEY_ID)) > 2000 and taken.on_server
+    assert not link.down and link.error is None  # the answer ended the rest for every caller
+    taken.release()
+    assert not valkey.client().exists(lease_key(KEY_ID))

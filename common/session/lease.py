@@ -224,9 +224,10 @@ class SessionLease:
         if shared is None or holding is None:
             return
         try:
-            if self.on_server and shared.extend(self.times.ttl):
+            # insist: the link's rest after a failure (5 s) must not skip beats until the lease lapses
+            if self.on_server and shared.extend(self.times.ttl, insist=True):
                 return
-            shared.take(holding, self.times.ttl, 0.0)  # connected already: not paced again
+            shared.take(holding, self.times.ttl, 0.0, insist=True)  # connected already: not paced again
         except StoreUnreachableError:
             return  # StoreLink logged it; the file lease holds for the host meanwhile
         except LeaseHeld as held:
