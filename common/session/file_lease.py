@@ -12,6 +12,11 @@ The file is opened as every token-directory file is (``common.store.fs``): never
 link, never blocking on a FIFO, only if it is a regular file of at most
 :data:`common.store.files.MAX_FILE_SIZE` bytes; created 0600 and handed to the directory's owner
 when root creates it. It is never deleted (deleting a lock file breaks mutual exclusion).
+
+The descriptor is close-on-exec, and a child of ``os.fork()`` closes the ones it inherits at once
+(``os.register_at_fork``): the ``flock`` belongs to the open file, which a child would share, so a
+child's unlock would free its parent's lease and a child that lives on would keep a killed parent's.
+Only the process that took the lease unlocks it or writes its record.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import math
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
 
 from common.errors import StoreError
@@ -48,6 +54,7 @@ class FileLease:
         self.path = Path(directory) / f"key-{key_id}.session"
         self.location = str(self.path)
         self._fd: int | None = None
+        self._pid = 0  # the process that took it
 
     @property
     def held(self) -> bool:
@@ -74,7 +81,8 @@ class FileLease:
         except BaseException:
             os.close(fd)
             raise
-        self._fd = fd
+        self._fd, self._pid = fd, os.getpid()
+        _held.add(self)
         found = self._read(fd)
         if found is not None:
             return found[1]
@@ -99,9 +107,15 @@ class FileLease:
             raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def release(self, start: float | None = None) -> None:
-        """Let the lease go (recording that no one holds it, and ``start`` for the pacing)."""
+        """Let the lease go (recording that no one holds it, and ``start`` for the pacing); in another
+        process than the one that took it (a fork's child), only close the descriptor."""
         fd, self._fd = self._fd, None
+        _held.discard(self)
         if fd is None:
+            return
+        if self._pid != os.getpid():  # a fork's child: the lock and the record are its parent's
+            with contextlib.suppress(OSError):
+                os.close(fd)
             return
         try:
             if start is not None:
@@ -171,6 +185,24 @@ class FileLease:
     def _open(self) -> int:
         files.prepare_directory(self.path.parent)
         return files.open_shared(self.path, "session lease file")
+
+
+#: The leases this process holds (a fork's child closes their descriptors).
+_held: weakref.WeakSet[FileLease] = weakref.WeakSet()
+
+
+def _close_inherited() -> None:
+    """In a fork's child: close the descriptors of its parent's leases (never unlock them)."""
+    for lease in list(_held):
+        fd, lease._fd = lease._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited)
 
 
 def _alive(holder: Holder) -> bool:

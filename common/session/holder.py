@@ -24,15 +24,16 @@ class SessionTimes(NamedTuple):
     Attributes:
         ttl: the server's lease (``KIS_TOKEN_STORE``) lives this long without a heartbeat: a host
             that is lost (power, network, SIGKILL) frees the key within this long.
-        heartbeat: a holder extends its server lease this often (a third of ``ttl``: two beats may
-            fail before it lapses).
+        heartbeat: a holder extends its server lease this often: a quarter of ``ttl``, and each beat
+            asks the server even while its link rests after a failure (5 s), so that two beats may
+            fail (each after up to a 0.5 s timeout) and the third still renews the lease in time.
         pace: the minimum interval between two leases' starts on a key, so that a crash loop cannot
             connect and close often enough to get the key or the IP blocked.
         poll: a caller that waits for the lease looks again this often (no busy spinning).
     """
 
     ttl: float = 15.0
-    heartbeat: float = 5.0
+    heartbeat: float = 3.75
     pace: float = 5.0
     poll: float = 0.1
 

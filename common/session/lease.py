@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -31,6 +32,12 @@ if TYPE_CHECKING:  # redis is imported only when KIS_TOKEN_STORE names a server
 MAX_WAIT = 3600.0
 
 T = TypeVar("T")
+
+
+class WaitCancelled(Exception):
+    """:meth:`SessionLease.acquire` gave up: its ``cancel`` was set (no lease is held)."""
+
+
 _log = logging.getLogger(__name__)
 
 
@@ -44,13 +51,15 @@ class SessionLease:
         times: the bounds (:class:`SessionTimes`).
         clock: wall-clock seconds (the records' ``since``, the file's pacing; tests inject a fake one).
         sleep: the blocking sleep (tests inject one that moves the fake clock).
+        monotonic: the clock that bounds a wait (tests inject the fake clock here too).
     """
 
     def __init__(self, local: FileLease, shared: RedisLease | None, market: str, *,
                  times: SessionTimes = DEFAULT_TIMES, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.local, self.shared, self.market = local, shared, market
-        self.times, self.clock, self.sleep = times, clock, sleep
+        self.times, self.clock, self.sleep, self.monotonic = times, clock, sleep, monotonic
         #: this process as the holder, while held
         self.holding: Holder | None = None
         #: True while the lease is kept on the server (False: the host's file only, server down)
@@ -58,13 +67,23 @@ class SessionLease:
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         self._warned_lost = False
+        self._warned_down = False
+        #: makes giving back, and handing a lease taken in a worker thread over, one step each
+        self._handover = threading.Lock()
+        self._handed = False
 
     # -- taking and giving back ---------------------------------------------------------------
 
-    def acquire(self, wait: float = 0.0) -> Holder:
+    def acquire(self, wait: float = 0.0, cancel: threading.Event | None = None) -> Holder:
         """Take the key's session lease, waiting at most ``wait`` seconds for its holder to let go,
         then the rest of the pacing interval (at most :attr:`SessionTimes.pace`) if the key's last
-        session started less than that ago.
+        session started less than that ago. Anything raised once the lease is taken (a
+        ``KeyboardInterrupt`` in the pacing wait included) gives it back before it propagates.
+
+        Args:
+            wait: seconds to wait for the holder (0: refuse at once).
+            cancel: set by another thread to give up (looked at on each poll, and once the lease is
+                taken: a lease taken after it was set is given back at once).
 
         Returns:
             This process as the holder (``since`` is when the session may connect: now).
@@ -73,26 +92,49 @@ class SessionLease:
             SessionHeldError: another process or host held it all that time (the message names it).
             StoreError: the token directory's lease file cannot be used.
             ValueError: ``wait`` is not 0 .. :data:`MAX_WAIT`.
+            WaitCancelled: ``cancel`` was set (no lease is held).
         """
         if not 0 <= wait <= MAX_WAIT:
             raise ValueError(f"wait must be 0 .. {MAX_WAIT:g} seconds, not {wait!r}")
         if self.holding is not None:
             raise RuntimeError("this session lease is held already: take a new one per session")
-        polls = math.ceil(wait / self.times.poll) if wait > 0 else 0
-        for poll in range(polls + 1):
+        deadline = self.monotonic() + wait
+        self._warned_down = self._handed = False
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise WaitCancelled()
             try:
                 start = self._try_take()
+                break
             except LeaseHeld as held:
-                if poll == polls:
+                left = deadline - self.monotonic()
+                if left <= 0:
                     raise held_error(self.market, held.holder, self.clock(), wait) from None
-                self.sleep(self.times.poll)
-                continue
+                self._pause(min(self.times.poll, left), cancel)
+        try:
             delay = start - self.clock()
             if delay > 0:
-                self.sleep(delay)
-            assert self.holding is not None
-            return self.holding
-        raise AssertionError("unreachable")
+                self._pause(delay, cancel)
+            with self._handover:
+                cancelled = cancel is not None and cancel.is_set()
+                self._handed = not cancelled
+        except BaseException:
+            self.release()
+            raise
+        if cancelled:
+            self.release()
+            raise WaitCancelled()
+        assert self.holding is not None
+        return self.holding
+
+    def _pause(self, seconds: float, cancel: threading.Event | None) -> None:
+        """Sleep ``seconds`` (in steps of at most a poll, looking at ``cancel``, when one is given)."""
+        if cancel is None:
+            self.sleep(seconds)
+            return
+        until = self.monotonic() + seconds
+        while not cancel.is_set() and (left := until - self.monotonic()) > 0:
+            self.sleep(min(self.times.poll, left))
 
     def _try_take(self) -> float:
         """One try at both leases, the server's first (so that a process refused anywhere is told the
@@ -107,10 +149,12 @@ class SessionLease:
                 server_delay = self.shared.take(holder, self.times.ttl, self.times.pace)
                 self.on_server = True
             except StoreUnreachableError as exc:
-                _log.warning("WebSocket session: the token store %s does not answer (%s); the %s key's "
-                             "session is held for this host only (%s) until it does: another host "
-                             "could connect meanwhile", self.shared.link.url, exc, self.market,
-                             self.local.location)
+                if not self._warned_down:  # once per wait, not once per poll
+                    self._warned_down = True
+                    _log.warning("WebSocket session: the token store %s does not answer (%s); the %s key's "
+                                 "session is held for this host only (%s) until it does: another "
+                                 "host could connect meanwhile", self.shared.link.url, exc, self.market,
+                                 self.local.location)
         try:
             last = self.local.take()
         except BaseException:
@@ -136,14 +180,20 @@ class SessionLease:
         self.on_server = False
 
     def release(self) -> None:
-        """Give the lease back (the server's first, then the host's file); safe to call twice."""
-        holding, self.holding = self.holding, None
+        """Give the lease back (the server's first, then the host's file); safe to call twice. In a
+        fork's child (another pid than the holder's) nothing is given back: its parent holds it."""
+        with self._handover:
+            holding, self.holding = self.holding, None
         if holding is None:
             return
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=5)
             self._beat = None
+        if holding.pid != os.getpid():  # a fork's child: the lease is its parent's, left as it is
+            self.on_server = False
+            self.local.release()
+            return
         try:
             if self.on_server and self.shared is not None:
                 try:
@@ -174,9 +224,10 @@ class SessionLease:
         if shared is None or holding is None:
             return
         try:
-            if self.on_server and shared.extend(self.times.ttl):
+            # insist: the link's rest after a failure (5 s) must not skip beats until the lease lapses
+            if self.on_server and shared.extend(self.times.ttl, insist=True):
                 return
-            shared.take(holding, self.times.ttl, 0.0)  # connected already: not paced again
+            shared.take(holding, self.times.ttl, 0.0, insist=True)  # connected already: not paced again
         except StoreUnreachableError:
             return  # StoreLink logged it; the file lease holds for the host meanwhile
         except LeaseHeld as held:
@@ -197,22 +248,32 @@ class SessionLease:
 
     @contextlib.contextmanager
     def hold(self, wait: float, then: Callable[[], T]) -> Iterator[T]:
-        """Hold the lease for the ``with`` block, which gets ``then()`` (the approval key)."""
-        self.acquire(wait)
+        """Hold the lease for the ``with`` block, which gets ``then()`` (the approval key); given back
+        on every way out (an exception, ``KeyboardInterrupt`` included, while taking it as well)."""
+        if self.holding is not None:
+            raise RuntimeError("this session lease is held already: take a new one per session")
         try:
+            self.acquire(wait)
             yield then()
         finally:
             self.release()
 
     @contextlib.asynccontextmanager
     async def hold_async(self, wait: float, then: Callable[[], Awaitable[T]]) -> AsyncIterator[T]:
-        """:meth:`hold` for asyncio: the waits run in a worker thread (the loop keeps running); a
-        task cancelled meanwhile gives back a lease the thread took after all."""
-        taking = asyncio.ensure_future(asyncio.to_thread(self.acquire, wait))
+        """:meth:`hold` for asyncio: the waits run in a worker thread (the loop keeps running). A task
+        cancelled meanwhile (or a loop that ends) tells the thread to give up; a lease it took
+        already is given back, in a worker thread, never on the loop."""
+        cancel = threading.Event()
+        taking = asyncio.ensure_future(asyncio.to_thread(self.acquire, wait, cancel))
+        taking.add_done_callback(lambda done: done.cancelled() and cancel.set())
         try:
             await asyncio.shield(taking)
-        except asyncio.CancelledError:
-            taking.add_done_callback(lambda done: done.cancelled() or done.exception() or self.release())
+        except BaseException:
+            with self._handover:
+                cancel.set()
+                taken = self._handed  # the thread returned the lease: no one else gives it back
+            if taken:
+                await asyncio.to_thread(self.release)
             raise
         try:
             yield await then()

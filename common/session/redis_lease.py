@@ -14,7 +14,7 @@ taken less than ``pace`` after the last one's start is granted with a start that
 caller sleeps until then. Extending and releasing compare the owner value first, as redis-py's
 ``Lock`` does (a holder whose lease lapsed and was taken by another never extends or deletes the
 new holder's). Every call goes through :class:`common.store.redis_link.StoreLink` (0.5 s timeouts,
-the server left alone for 5 s after a failure).
+the server left alone for 5 s after a failure, except by the heartbeat, which asks anyway).
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ class RedisLease:
         register = link.client.register_script
         self._take, self._extend, self._release = (register(s) for s in (_TAKE, _EXTEND, _RELEASE))
 
-    def take(self, holder: Holder, ttl: float, pace: float) -> float:
-        """Take (or re-take) the lease for ``holder``; return the seconds until its paced start.
+    def take(self, holder: Holder, ttl: float, pace: float, *, insist: bool = False) -> float:
+        """Take (or re-take) the lease for ``holder``; return the seconds until its paced start
+        (``insist``: ask even while the link rests after a failure, as the heartbeat does).
 
         Raises:
             LeaseHeld: another owner holds it.
@@ -96,18 +97,21 @@ class RedisLease:
                 next :meth:`take` with the same owner value settles it).
         """
         args = [self.owner, _ms(ttl), _ms(pace), holder.host, holder.pid, holder.market]
-        status, now, start, fields = self.link.call(self._take, self.names, args)
+        call = self.link.call_anyway if insist else self.link.call
+        status, now, start, fields = call(self._take, self.names, args)
         if not status:
             raise LeaseHeld(Holder.from_fields(_fields(fields)))
         return max(0.0, (int(start) - int(now)) / _MS)
 
-    def extend(self, ttl: float) -> bool:
+    def extend(self, ttl: float, *, insist: bool = False) -> bool:
         """Give the lease its whole ``ttl`` again if it is still ours; False if it is not (it lapsed).
+        ``insist``: ask even while the link rests after a failure (the heartbeat does).
 
         Raises:
             StoreUnreachableError: the server did not answer.
         """
-        return bool(self.link.call(self._extend, [self.name], [self.owner, _ms(ttl)]))
+        call = self.link.call_anyway if insist else self.link.call
+        return bool(call(self._extend, [self.name], [self.owner, _ms(ttl)]))
 
     def release(self) -> bool:
         """Delete the lease if it is still ours (the pacing key stays); True if it was.

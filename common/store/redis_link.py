@@ -88,6 +88,16 @@ class StoreLink:
             self.error = None
         return result
 
+    def call_anyway(self, function: Callable[..., Any], *args: Any) -> Any:
+        """:meth:`call`, sent even while the server rests after a failure (a call that must not be
+        skipped for that long, such as a session lease's heartbeat); an answer ends the rest.
+
+        Raises:
+            StoreUnreachableError: this call failed.
+        """
+        self._retry_at = float("-inf")
+        return self.call(function, *args)
+
     def ping(self) -> bool:
         """True if the server answers now (a failure starts an outage, as any call's does)."""
         try:
