@@ -19,12 +19,13 @@ from common.budget import CallBudget, Pacing, open_budget
 from common.budget import file_backend as file_backend_module
 from common.budget.file_backend import SIZE, FileBudget
 from common.budget.pacing import MAX_WAIT, WINDOW, reserve
-from common.budget.redis_backend import RedisBudget, SharedBudget, budget_key
+from common.budget.redis_backend import RedisBudget, SharedBudget
 from common.errors import BudgetTimeoutError, ConfigError, StoreError
 from common.sandbox.budget_worker import most_in_window
 from common.sandbox.redis_server import RedisServer
 from common.settings import Settings
 from common.store import redis_link, redis_store
+from common.store.redis_link import key_name
 from tests.conftest import FakeClock, SleepRecorder
 
 KEY_ID = "real-0123456789abcdef"
@@ -375,8 +376,8 @@ def test_the_server_spaces_calls_of_hosts_whose_clocks_disagree(shared_budget, s
     assert waits[0] <= interval
     assert all(later > earlier for earlier, later in itertools.pairwise(waits))
     assert 8 * interval < waits[-1] <= 9 * interval  # ten calls at once: the last one 9 slots later
-    assert list(server.dump()) == [budget_key(KEY_ID).encode()]
-    assert 0 < server.client().pttl(budget_key(KEY_ID)) <= 62_000 + 1000 * waits[-1]
+    assert list(server.dump()) == [key_name(KEY_ID, "budget").encode()]
+    assert 0 < server.client().pttl(key_name(KEY_ID, "budget")) <= 62_000 + 1000 * waits[-1]
 
 
 def test_the_server_refuses_a_slot_beyond_the_timeout_and_counts(shared_budget):

@@ -23,9 +23,9 @@ from common.sandbox.redis_server import RedisServer, free_port
 from common.session import SessionLease, SessionTimes, open_session
 from common.session.file_lease import FileLease
 from common.session.lease import WaitCancelled
-from common.session.redis_lease import RedisLease, lease_key
+from common.session.redis_lease import RedisLease
 from common.settings import Settings
-from common.store.redis_link import StoreLink
+from common.store.redis_link import StoreLink, key_name
 from tests.conftest import REPO, FakeClock, SleepRecorder
 
 KEY_ID = "real-0123456789abcdef"
@@ -220,7 +220,7 @@ def test_a_forks_child_that_releases_leaves_its_parents_lease_held(tmp_path, clo
     assert found is not None and found.pid == os.getpid()  # the record still names the parent
     assert another_process_tries(tmp_path) == "held"
     if with_server:
-        assert server.client().exists(lease_key(KEY_ID))  # the child deleted nothing there
+        assert server.client().exists(key_name(KEY_ID, "session"))  # the child deleted nothing there
     taken.release()
     assert another_process_tries(tmp_path) == "taken"
 
@@ -262,9 +262,9 @@ def test_the_heartbeat_beats_four_times_a_lease_and_the_links_rest_never_skips_i
     assert taken.on_server
     taken._stop.set()  # the test beats by hand
     link._retry_at, link.error = time.monotonic() + 3600, "a call of another key failed"
-    valkey.client().pexpire(lease_key(KEY_ID), 2000)
+    valkey.client().pexpire(key_name(KEY_ID, "session"), 2000)
     taken.beat()  # resting: an ordinary call would be skipped
-    assert valkey.client().pttl(lease_key(KEY_ID)) > 2000 and taken.on_server
+    assert valkey.client().pttl(key_name(KEY_ID, "session")) > 2000 and taken.on_server
     assert not link.down and link.error is None  # the answer ended the rest for every caller
     taken.release()
-    assert not valkey.client().exists(lease_key(KEY_ID))
+    assert not valkey.client().exists(key_name(KEY_ID, "session"))

@@ -30,9 +30,9 @@ from common.session import (
     session_refused,
 )
 from common.session.file_lease import RECORD_SIZE, FileLease
-from common.session.redis_lease import RedisLease, lease_key
+from common.session.redis_lease import RedisLease
 from common.settings import Settings
-from common.store.redis_link import StoreLink
+from common.store.redis_link import StoreLink, key_name
 from kr.token_manager import KRTokenManager
 from tests.conftest import US_KEY, US_SECRET, FakeClock, SleepRecorder
 from us.token_manager import USTokenManager
@@ -294,10 +294,10 @@ def test_the_server_lease_has_a_bounded_ttl_names_its_holder_and_is_owner_checke
     held = first.acquire()
     assert first.on_server
     client = store.client()
-    fields = {k.decode(): v.decode() for k, v in client.hgetall(lease_key(KEY_ID)).items()}
+    fields = {k.decode(): v.decode() for k, v in client.hgetall(key_name(KEY_ID, "session")).items()}
     assert set(fields) == {"owner", "host", "pid", "market", "since"}
     assert (fields["pid"], fields["market"]) == (str(os.getpid()), "us")
-    assert 0 < client.pttl(lease_key(KEY_ID)) <= 15000
+    assert 0 < client.pttl(key_name(KEY_ID, "session")) <= 15000
     # Another host (another token directory): the server names the holder.
     second = lease(tmp_path / "host-b", clock, "kr", shared=server_lease(store))
     named = rf"held by host {held.host}, pid {os.getpid()} \(us\)"
@@ -306,15 +306,15 @@ def test_the_server_lease_has_a_bounded_ttl_names_its_holder_and_is_owner_checke
     assert isinstance(caught.value.holder, Holder)
     assert not (tmp_path / "host-b" / f"key-{KEY_ID}.session").exists()  # refused by the server first
     # The heartbeat gives the lease its whole ttl again.
-    client.pexpire(lease_key(KEY_ID), 2000)
+    client.pexpire(key_name(KEY_ID, "session"), 2000)
     first.beat()
-    assert client.pttl(lease_key(KEY_ID)) > 2000
+    assert client.pttl(key_name(KEY_ID, "session")) > 2000
     # Another owner's release never deletes it.
     assert not second.shared.release()  # type: ignore[union-attr]
-    assert client.exists(lease_key(KEY_ID))
+    assert client.exists(key_name(KEY_ID, "session"))
     first.release()
-    assert not client.exists(lease_key(KEY_ID))
-    assert client.exists(lease_key(KEY_ID) + ":start")  # the pacing outlives the lease
+    assert not client.exists(key_name(KEY_ID, "session"))
+    assert client.exists(key_name(KEY_ID, "session") + ":start")  # the pacing outlives the lease
 
 
 def test_a_lost_host_frees_the_key_within_the_ttl(store, tmp_path, clock):
@@ -326,7 +326,7 @@ def test_a_lost_host_frees_the_key_within_the_ttl(store, tmp_path, clock):
     with pytest.raises(SessionHeldError):
         other.acquire()
     deadline = time.monotonic() + 5
-    while store.client().exists(lease_key(KEY_ID)):
+    while store.client().exists(key_name(KEY_ID, "session")):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert other.acquire().market == "us" and other.on_server
@@ -334,7 +334,7 @@ def test_a_lost_host_frees_the_key_within_the_ttl(store, tmp_path, clock):
     lost.beat()
     assert not lost.on_server
     lost.release()
-    assert store.client().exists(lease_key(KEY_ID))
+    assert store.client().exists(key_name(KEY_ID, "session"))
     other.release()
 
 
@@ -370,9 +370,9 @@ def test_store_down_the_file_lease_still_holds_with_a_warning_and_the_server_is_
     assert not store_back.on_server
     store_back.shared.link._retry_at = float("-inf")  # type: ignore[union-attr]
     store_back.beat()
-    assert store_back.on_server and store.client().exists(lease_key(KEY_ID))
+    assert store_back.on_server and store.client().exists(key_name(KEY_ID, "session"))
     store_back.release()
-    assert not store.client().exists(lease_key(KEY_ID))
+    assert not store.client().exists(key_name(KEY_ID, "session"))
 
 
 # -- the facade -----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from common.sandbox.redis_server import RedisServer
-from common.session.redis_lease import lease_key
+from common.store.redis_link import key_name
 from tests.conftest import REPO, US_KEY, US_SECRET, finish, spawn
 
 #: Several processes on real clocks for seconds each: run by `-m slow` (and .ci/run), not a plain run.
@@ -101,7 +101,7 @@ def test_eight_processes_ask_at_once_one_holds_the_others_are_told_who_at_once(s
 
 def test_eight_processes_on_two_hosts_sharing_a_valkey(sandbox_process, valkey, tmp_path):
     eight_at_once([tmp_path / "host-a", tmp_path / "host-b"], sandbox_process, valkey.url)
-    assert valkey.client().exists(lease_key(_key_id(sandbox_process))) == 0  # released on exit
+    assert valkey.client().exists(key_name(_key_id(sandbox_process), "session")) == 0  # released on exit
 
 
 def _key_id(sandbox_process: Any) -> str:

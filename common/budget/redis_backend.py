@@ -31,7 +31,7 @@ from common.budget.file_backend import FileBudget
 from common.budget.pacing import BUCKETS, MAX_WAIT, WINDOW, Pacing
 from common.budget.protocol import Counts, NoSlotWithin
 from common.errors import StoreUnreachableError
-from common.store.redis_link import PREFIX, StoreLink
+from common.store.redis_link import StoreLink, key_name
 
 #: ``EVALSHA`` of this with KEYS = [the key's hash] and ARGV = [op, ...]:
 #: ``reserve interval_us tolerance_us max_wait_us max_ahead_us window_us host not_before_us``
@@ -95,11 +95,6 @@ _log = logging.getLogger(__name__)
 _US = 1_000_000
 
 
-def budget_key(key_id: str) -> str:
-    """The server's key name for one app key's budget: ``kis-token:v1:<id>:budget``."""
-    return f"{PREFIX}{key_id}:budget"
-
-
 class RedisBudget:
     """One key's budget on the server (see the module docstring).
 
@@ -112,7 +107,7 @@ class RedisBudget:
 
     def __init__(self, link: StoreLink, key_id: str) -> None:
         self.link = link
-        self.name = budget_key(key_id)
+        self.name = key_name(key_id, "budget")
         self.location = f"{link.url} {self.name}"
         self._script = link.client.register_script(SCRIPT)
 

@@ -23,7 +23,7 @@ import secrets
 from typing import Any
 
 from common.session.holder import Holder, LeaseHeld
-from common.store.redis_link import PREFIX, StoreLink
+from common.store.redis_link import StoreLink, key_name
 
 _TAKE = """
 local t = redis.call('TIME')
@@ -65,11 +65,6 @@ return 0
 _MS = 1000.0
 
 
-def lease_key(key_id: str) -> str:
-    """The server's key name for one app key's session lease: ``kis-token:v1:<id>:session``."""
-    return f"{PREFIX}{key_id}:session"
-
-
 class RedisLease:
     """One key's session lease on the server (see the module docstring).
 
@@ -80,7 +75,7 @@ class RedisLease:
 
     def __init__(self, link: StoreLink, key_id: str) -> None:
         self.link = link
-        self.name = lease_key(key_id)
+        self.name = key_name(key_id, "session")
         self.names = [self.name, self.name + ":start"]
         self.location = f"{link.url} {self.name}"
         self.owner = secrets.token_hex(16)

@@ -33,10 +33,15 @@ MISCONFIGURED = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError", 
 _log = logging.getLogger(__name__)
 
 
+def key_name(key_id: str, piece: str) -> str:
+    """The server's name of one piece kept for an app key: ``kis-token:v1:<id>:<piece>``."""
+    return f"{PREFIX}{key_id}:{piece}"
+
+
 def key_names(key_id: str, kind: str = "token") -> dict[str, str]:
     """The server's key names for one app key's credential of ``kind``: ``record``, ``lock``, ``state``."""
-    stem = f"{PREFIX}{key_id}:" + ("" if kind == "token" else f"{kind}:")
-    return {piece: stem + piece for piece in ("record", "lock", "state")}
+    stem = "" if kind == "token" else f"{kind}:"
+    return {piece: key_name(key_id, stem + piece) for piece in ("record", "lock", "state")}
 
 
 
