@@ -25,12 +25,12 @@ from us.token_manager import USTokenManager
 
 REPO = Path(__file__).resolve().parent.parent
 QUOTE = "/uapi/overseas-price/v1/quotations/price"
-BURST = 20
+BURST = 8  # concurrent callers: enough to meet at a rejected token, few enough to stay in one second
 
 
 @pytest.fixture
 def sandbox(clock):
-    # The broker's 18 calls a second per key is kept: KISAuth and KISHttpxAuth pace the bursts of 20
+    # The broker's 18 calls a second per key is kept: KISAuth and KISHttpxAuth pace the bursts
     # through the key's call budget, so no EGW00201 reaches the answers.
     with Sandbox(clock=clock) as server:
         yield server

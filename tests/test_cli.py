@@ -208,6 +208,7 @@ def test_python_m_check_and_delete_for_both_markets(cli_env, make_manager, clock
     assert not us.store.record.path.exists() and not kr.store.record.path.exists()
 
 
+@pytest.mark.slow  # the full retry schedule against a closed port (about 4 s)
 def test_python_m_unreachable_broker_is_one_line_no_traceback(cli_env):
     result = cli("kr.token_manager", "-q", "get", env=cli_env)
     assert result.returncode == 1
@@ -239,6 +240,7 @@ def test_python_m_corrupt_file_is_a_warning_then_missing(cli_env, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # two runs of the full retry schedule against a closed port (about 9 s)
 def test_python_m_logs_go_to_stderr_and_verbose_shows_retries(cli_env):
     verbose = cli("kr.token_manager", "-v", "get", env=cli_env)
     assert verbose.stdout == ""
