@@ -155,7 +155,7 @@ def test_a_timeout_raises_at_once_and_reserves_nothing(tmp_path, clock):
         budget.acquire(timeout=0.5)
     assert info.value.retry_in == pytest.approx(budget.pacing.interval)
     assert info.value.retryable
-    assert budget._sleep.calls == []  # raised without waiting
+    assert budget.sleep.calls == []  # raised without waiting
     assert budget.reserve(timeout=5) == pytest.approx(budget.pacing.interval)  # the refused one took nothing
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class BudgetSnapshot:
     location: str = ""
 
 
+@dataclass
 class CallBudget:
     """One app key's calls-a-second budget, shared through ``backend`` by every process (and host)
     that uses the same state.
@@ -67,16 +68,13 @@ class CallBudget:
         timeout: how long ``acquire()`` waits at most when not told (seconds).
     """
 
-    def __init__(self, backend: BudgetBackend, pacing: Pacing, key_id: str, *,
-                 sleep: Callable[[float], None] = time.sleep,
-                 async_sleep: Callable[[float], Awaitable[None]] | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.backend = backend
-        self.pacing = pacing
-        self.key_id = key_id
-        self.timeout = timeout
-        self._sleep = sleep
-        self._async_sleep = async_sleep
+    backend: BudgetBackend
+    pacing: Pacing
+    key_id: str
+    _: KW_ONLY
+    sleep: Callable[[float], None] = time.sleep
+    async_sleep: Callable[[float], Awaitable[None]] | None = None
+    timeout: float = DEFAULT_TIMEOUT
 
     @property
     def rate(self) -> float:
@@ -119,7 +117,7 @@ class CallBudget:
         """
         wait = self.reserve(timeout)
         if wait > 0:
-            self._sleep(wait)
+            self.sleep(wait)
         return wait
 
     async def acquire_async(self, timeout: float | None = None) -> float:
@@ -136,7 +134,7 @@ class CallBudget:
 
         wait = await asyncio.to_thread(self.reserve, timeout)
         if wait > 0:
-            await (self._async_sleep or asyncio.sleep)(wait)
+            await (self.async_sleep or asyncio.sleep)(wait)
         return wait
 
     def note_refusal(self) -> None:
